@@ -1,0 +1,164 @@
+"""Conv2d cases (E5): per-pixel outputs (expand) and conv-pool-affine (reduce).
+
+Inputs are ``(N, 2, 5, 5)``. Per-pixel predictions are made channels-last with a
+``Permute`` so that MSE has a loss term per pixel and channel.
+"""
+
+from kfac_oracle.catalogue import Case, exact, inexact, mc_converges
+
+IN = (2, 5, 5)
+CASES = []
+
+PIXEL = {
+    "k3_pad1": {"padding": 1},
+    "k3_stride2": {"padding": 1, "stride": 2},
+    "k3_dilation2": {"padding": 2, "dilation": 2},
+    "k2_nopad_nobias": {"bias": False},
+}
+for name, kw in PIXEL.items():
+    k = 2 if name.startswith("k2") else 3
+    for reduction in ("mean", "sum"):
+        CASES.append(
+            Case(
+                id=f"conv_pixel_{name}_mse_{reduction}",
+                family="conv_expand",
+                model=[("Conv2d", 2, 3, k, kw), ("Permute", 0, 2, 3, 1)],
+                input_shape=IN,
+                loss="MSELoss",
+                reduction=reduction,
+                batch_sizes=(2, 1),
+                setting="expand",
+                claims={
+                    "0": [
+                        exact("E5", kfac_approx="expand"),
+                        inexact("E5", "type-2", "reduce"),
+                    ]
+                },
+                seed=61,
+                description="Conv2d predicting per pixel, per-pixel MSE",
+            )
+        )
+
+# A following 1x1 conv keeps the first conv expand-exact; a following 3x3 conv not.
+CASES.append(
+    Case(
+        id="conv_pixel_then_1x1_mse_mean",
+        family="conv_expand",
+        model=[
+            ("Conv2d", 2, 3, 3, {"padding": 1}),
+            ("Conv2d", 3, 2, 1),
+            ("Permute", 0, 2, 3, 1),
+        ],
+        input_shape=IN,
+        loss="MSELoss",
+        batch_sizes=(2, 2),
+        setting="expand",
+        claims={
+            "0": [exact("E5", kfac_approx="expand")],
+            "1": [exact("E5", kfac_approx="expand")],
+        },
+        seed=62,
+        description="3x3 conv then 1x1 conv, per-pixel MSE: both expand-exact",
+    )
+)
+CASES.append(
+    Case(
+        id="conv_pixel_then_3x3_mse_mean",
+        family="conv_expand",
+        model=[
+            ("Conv2d", 2, 3, 3, {"padding": 1}),
+            ("Conv2d", 3, 2, 3, {"padding": 1}),
+            ("Permute", 0, 2, 3, 1),
+        ],
+        input_shape=IN,
+        loss="MSELoss",
+        batch_sizes=(2, 2),
+        setting="expand",
+        claims={
+            "0": [inexact("E5", "type-2", "expand")],
+            "1": [exact("E5", kfac_approx="expand")],
+        },
+        seed=63,
+        description="two stacked 3x3 convs, per-pixel MSE: only the last exact",
+    )
+)
+
+# Conv -> global average pool -> linear -> MSE: reduce-exact for the conv.
+POOLED = {
+    "k3_pad1": {"padding": 1},
+    "k3_stride2": {"stride": 2},
+    "k3_dilation2_pad1": {"dilation": 2, "padding": 1},
+}
+for name, kw in POOLED.items():
+    for reduction in ("mean", "sum"):
+        CASES.append(
+            Case(
+                id=f"conv_pool_{name}_mse_{reduction}",
+                family="conv_reduce",
+                model=[("Conv2d", 2, 3, 3, kw), ("MeanPool", 2, 3), ("Linear", 3, 2)],
+                input_shape=IN,
+                loss="MSELoss",
+                reduction=reduction,
+                batch_sizes=(3, 2),
+                setting="reduce",
+                claims={
+                    "0": [
+                        exact("E5", kfac_approx="reduce"),
+                        inexact("E5", "type-2", "expand"),
+                    ],
+                    "2": [exact("E2", kfac_approx="reduce")],
+                },
+                seed=64,
+                description="conv, global average pool, linear, MSE",
+            )
+        )
+
+# Two stacked 3x3 convs then pooling: the first conv is not exact (border effects mix
+# positions), the second is reduce-exact.
+CASES.append(
+    Case(
+        id="conv_stack_pool_mse_mean",
+        family="conv_reduce",
+        model=[
+            ("Conv2d", 2, 3, 3, {"padding": 1}),
+            ("Conv2d", 3, 3, 3, {"padding": 1}),
+            ("MeanPool", 2, 3),
+            ("Linear", 3, 2),
+        ],
+        input_shape=IN,
+        loss="MSELoss",
+        batch_sizes=(2, 2),
+        setting="reduce",
+        claims={
+            "0": [inexact("E5", "type-2", "reduce"), inexact("E5", "type-2", "expand")],
+            "1": [exact("E5", kfac_approx="reduce"), inexact("E5", "type-2", "expand")],
+            "3": [exact("E2", kfac_approx="reduce")],
+        },
+        seed=65,
+        description="two stacked 3x3 convs, pool, linear: first conv inexact",
+    )
+)
+
+# A nonlinear CNN classifier: nothing exact; MC converges (reduce).
+CASES.append(
+    Case(
+        id="cnn_tanh_ce_mean",
+        family="conv_reduce",
+        model=[
+            ("Conv2d", 2, 3, 3, {"padding": 1}),
+            ("Tanh",),
+            ("MeanPool", 2, 3),
+            ("Linear", 3, 4),
+        ],
+        input_shape=IN,
+        loss="CrossEntropyLoss",
+        batch_sizes=(3, 2),
+        setting="reduce",
+        claims={
+            "0": [inexact("N", "type-2", "reduce"), mc_converges("reduce")],
+            "3": [inexact("N", "type-2", "reduce")],
+        },
+        seed=66,
+        description="conv, tanh, pool, linear, CE",
+    )
+)

@@ -1,0 +1,1 @@
+"""Adapters that expose third-party KFAC libraries through the public contract."""

@@ -1,0 +1,277 @@
+"""Adapter for ASDL (PyPI ``asdfghjkl``, imported as ``asdl``).
+
+ASDL computes Kronecker-factored Fisher matrices through ``asdl.get_fisher_maker``
+with ``asdl.FisherConfig(fisher_type=..., fisher_shapes=[asdl.SHAPE_KRON], ...)``
+(``asdl/fisher.py``; version 0.1a5 has no ``fisher_for_cross_entropy``). What the
+library computes, read from its source (``asdl/fisher.py``, ``asdl/operations/``,
+``asdl/symmatrix.py``) and its docstrings (``asdl/precondition/natural_gradient.py``,
+``NaturalGradientMaker``: "data_size: The size of data to be used for averaging
+curvature information", "scale: The scale of Fisher information matrix", "var: The
+variance of the Gaussian distribution used when fisher_type = 'fisher_mc' and
+loss_type = 'mse'"):
+
+- Per layer a ``Kron(A, B)`` with ``A = c Σ_n a_n a_nᵀ`` (inputs, *without* the
+  bias's 1) and ``B = c Σ_n Σ_v g_{n,v} g_{n,v}ᵀ`` (output gradients), ``c =
+  scale / data_size``. Its matrix-vector product (``symmatrix.Kron.mvp``) applies
+  ``B ⊗ A`` to rvec(W) and ``B`` to the bias: separate bias, bias block ``B``.
+- Conv2d: ``A`` is divided by the number of output positions and ``B`` sums over
+  them (KFAC-expand); the weight is viewed as ``(C_out, C_in·kh·kw)``.
+- The backpropagated vectors per datum (each loss is reduced with ``sum``):
+  ``fisher_exact`` + ``cross_entropy``: ``√p_c ∇_f(−log p_c)`` for every class c
+  (so ``Σ_v g gᵀ`` is the GGN of the negative log-likelihood); ``fisher_exact`` +
+  ``mse``: the unit vectors ``e_i`` (so ``Σ_v g gᵀ = I``, the Fisher of the
+  unit-variance Gaussian ``N(f, I)``, i.e. the GGN of ``½‖f − y‖²``);
+  ``fisher_mc``: ``∇_f`` of ``−log p(ỹ | f)/M`` with ``ỹ`` drawn from the
+  categorical (CE) or from ``N(f, var·I)`` (MSE, loss ``½‖f − ỹ‖²``);
+  ``fisher_emp``: the gradient of the user's loss (reduction forced to ``sum``,
+  ``GradientMaker._call_loss_fn``) at the true labels.
+
+Conversion to the canonical target ``L = R Σ_n ℓ_n`` (KFAC_NOTES §1, §4). ASDL's
+Fisher is an *average over* ``data_size`` *data* of the per-datum quantity, so this
+adapter runs with ``scale = 1``, ``data_size = N`` (the whole data set; batches are
+accumulated with ``accumulate=True``), which gives ``A = (1/N) Σ_n a aᵀ`` exactly as
+in the canonical form, and multiplies ``B`` by ``R · N`` (``N`` for sum, ``1/T``
+for mean). For MSE with ``fisher_exact``/``fisher_mc`` it also multiplies by 2:
+ASDL's ``mse`` is the Gaussian likelihood with ``var = 1`` (criterion
+``½‖f − y‖²``), while PyTorch's ``MSELoss`` has Hessian ``2 I`` (a documented
+convention difference, like BackPACK's). ``var`` is left at its default 1. The
+library's ``scale`` argument is *not* used for this: it multiplies both ``A`` and
+``B`` (weight block ∝ scale², bias block ∝ scale), see ``docs/adapters/asdl.md``.
+
+The result is ``KroneckerFactors(A, G = R·N·k·B, bias="separate")`` (bias block
+``G``), or ``bias="none"`` for bias-free modules. ASDL registers hooks and sets
+attributes on modules, so it runs on a deep copy of the model; MC sampling uses
+the global torch RNG, which is forked (restored afterwards) and seeded once with
+``request.seed`` (``FisherConfig.seed`` would re-seed at every batch).
+
+Findings (measured numbers in ``docs/adapters/asdl.md``; reproductions in
+``examples/findings/asdl_*.py``) are reported as computed, never corrected here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from kfac_oracle.contract import KFACRequest, KroneckerFactors
+
+_INSTALL_HINT = (
+    "ASDL is not installed. Install it with "
+    "`pip install -c constraints-cpu.txt torch asdfghjkl` (imported as `asdl`)."
+)
+
+
+def _import_asdl() -> Any:
+    """Import ``asdl`` lazily.
+
+    Returns:
+        The ``asdl`` module.
+
+    Raises:
+        ImportError: If ASDL is not installed, with an install hint.
+    """
+    try:
+        import asdl
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(_INSTALL_HINT) from err
+    return asdl
+
+
+def library_version() -> str | None:
+    """Return the installed ``asdfghjkl`` distribution version, or ``None``."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        return version("asdfghjkl")
+    except PackageNotFoundError:
+        return None
+
+
+def _terms_per_datum(request: KFACRequest) -> int:
+    """Number ``T`` of loss terms per datum (KFAC_NOTES §1)."""
+    model_output = _first_output(request)
+    if request.loss_name == "CrossEntropyLoss":
+        return math.prod(model_output.shape[2:]) if model_output.ndim > 2 else 1
+    return math.prod(model_output.shape[1:])
+
+
+def _first_output(request: KFACRequest) -> torch.Tensor:
+    """Model output on the first datum (shape probe, no gradients)."""
+    X = request.data[0][0]
+    with torch.no_grad():
+        return request.model(X[:1])
+
+
+class _AsdlKron:
+    """Shared implementation of the ASDL Kronecker-factored Fisher adapters.
+
+    Attributes:
+        name: Built-in name.
+        capabilities: Declared support (see ``kfac_oracle.contract``).
+    """
+
+    name: ClassVar[str] = ""
+    _asdl_fisher_type: ClassVar[str] = ""
+    _losses: ClassVar[set[str]] = {"CrossEntropyLoss", "MSELoss"}
+    capabilities: ClassVar[dict[str, set[str] | set[int]]] = {}
+
+    def _check(self, request: KFACRequest) -> None:
+        """Raise ``NotImplementedError`` for requests outside the capabilities."""
+        caps = self.capabilities
+        if request.fisher_type not in caps["fisher_type"]:
+            raise NotImplementedError(f"{self.name}: fisher_type {request.fisher_type}")
+        if request.kfac_approx not in caps["kfac_approx"]:
+            raise NotImplementedError(f"{self.name}: kfac_approx {request.kfac_approx}")
+        if request.loss_name not in caps["losses"]:
+            raise NotImplementedError(f"{self.name}: loss {request.loss_name}")
+        if request.reduction not in caps["reductions"]:
+            raise NotImplementedError(f"{self.name}: reduction {request.reduction}")
+        if _first_output(request).ndim not in caps["output_ndim"]:
+            raise NotImplementedError(f"{self.name}: model output must be (N, C)")
+        for name, mod in request.model.named_modules():
+            if isinstance(mod, nn.Conv2d) and (
+                mod.dilation != (1, 1)
+                or mod.groups != 1
+                or isinstance(mod.padding, str)
+                or mod.padding_mode != "zeros"
+            ):
+                # asdl.utils.im2col_2d raises for dilation and string padding and
+                # does not handle groups or non-zero padding modes.
+                raise NotImplementedError(
+                    f"{self.name}: Conv2d {name!r} with dilation, groups, string "
+                    "padding or a non-zero padding mode"
+                )
+
+    def compute(self, request: KFACRequest) -> dict[str, KroneckerFactors]:
+        """Compute ASDL's Kronecker factors for the request's Linear/Conv2d modules.
+
+        Args:
+            request: The harness's request.
+
+        Returns:
+            Module name → ``KroneckerFactors`` with ``bias="separate"`` (or ``"none"``
+            for bias-free modules), block ``G ⊗ A`` in rvec.
+
+        Raises:
+            NotImplementedError: If the request is outside the capabilities.
+        """
+        asdl = _import_asdl()
+        self._check(request)
+        model = copy.deepcopy(request.model)
+        loss_func = copy.deepcopy(request.loss_func)
+        N = request.num_data
+        loss_type = (
+            asdl.LOSS_CROSS_ENTROPY
+            if request.loss_name == "CrossEntropyLoss"
+            else asdl.LOSS_MSE
+        )
+        config = asdl.FisherConfig(
+            fisher_type=self._asdl_fisher_type,
+            fisher_shapes=[asdl.SHAPE_KRON],
+            loss_type=loss_type,
+            n_mc_samples=request.mc_samples,
+            seed=None,
+            data_size=N,
+            scale=1.0,
+        )
+        fisher_maker = asdl.get_fisher_maker(model, config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(request.seed)
+            for i, (X, y) in enumerate(request.data):
+                dummy_y = fisher_maker.setup_model_call(model, X)
+                fisher_maker.setup_loss_call(loss_func, dummy_y, y)
+                fisher_maker.forward_and_backward(accumulate=i > 0)
+
+        R = 1.0 if request.reduction == "sum" else 1.0 / (N * _terms_per_datum(request))
+        factor = R * N
+        if request.loss_name == "MSELoss" and self._asdl_fisher_type != asdl.FISHER_EMP:
+            factor *= 2.0  # ASDL's 'mse' is ½‖f − y‖² (Gaussian with var = 1).
+
+        wanted = set(request.layers)
+        modules = dict(request.model.named_modules())
+        copies = dict(model.named_modules())
+        result: dict[str, KroneckerFactors] = {}
+        for name, mod in modules.items():
+            if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+                continue
+            if wanted and name not in wanted:
+                continue
+            kron = copies[name].fisher.kron
+            has_bias = mod.bias is not None and mod.bias.requires_grad
+            result[name] = KroneckerFactors(
+                input_covariance=kron.A.detach().clone(),
+                gradient_covariance=(factor * kron.B).detach().clone(),
+                bias="separate" if has_bias else "none",
+            )
+        return result
+
+
+_COMMON_CAPS: dict[str, Any] = {
+    "kfac_approx": {"expand"},
+    "layers": {"Linear", "Conv2d"},
+    "reductions": {"mean", "sum"},
+    "output_ndim": {2},
+}
+
+
+class AsdlFisherExact(_AsdlKron):
+    """ASDL ``fisher_exact`` + ``SHAPE_KRON``: type-2 KFAC (CE and MSE only).
+
+    ``G = R·N·k·B`` with ``k = 2`` for MSE (ASDL's unit-variance Gaussian) and
+    ``k = 1`` for cross-entropy; ``A`` as computed by ASDL (weight only).
+    """
+
+    name = "asdl-fisher-exact"
+    _asdl_fisher_type = "fisher_exact"
+    capabilities = {
+        **_COMMON_CAPS,
+        "fisher_type": {"type-2"},
+        "losses": {"CrossEntropyLoss", "MSELoss"},
+    }
+
+
+class AsdlFisherMC(_AsdlKron):
+    """ASDL ``fisher_mc`` + ``SHAPE_KRON``: Monte-Carlo KFAC (CE and MSE only).
+
+    ``request.mc_samples`` is ASDL's ``n_mc_samples``; MSE samples ``ỹ ~ N(f, I)``
+    (``var = 1``) with criterion ``½‖f − ỹ‖²`` and ``G`` is doubled as for the exact
+    flavour. ASDL divides each sample's loss by ``M`` before forming ``g gᵀ``, so its
+    ``B`` carries ``1/M²`` per sample; that is reported as computed (a finding).
+    """
+
+    name = "asdl-fisher-mc"
+    _asdl_fisher_type = "fisher_mc"
+    capabilities = {
+        **_COMMON_CAPS,
+        "fisher_type": {"mc"},
+        "losses": {"CrossEntropyLoss", "MSELoss"},
+    }
+
+
+class AsdlFisherEmp(_AsdlKron):
+    """ASDL ``fisher_emp`` + ``SHAPE_KRON``: empirical-Fisher KFAC.
+
+    Uses the PyTorch loss itself (reduction forced to ``sum`` by ASDL), so MSE
+    needs no factor 2 and ``BCEWithLogitsLoss`` works too: ``G = R·N·B``.
+    """
+
+    name = "asdl-fisher-emp"
+    _asdl_fisher_type = "fisher_emp"
+    capabilities = {
+        **_COMMON_CAPS,
+        "fisher_type": {"empirical"},
+        "losses": {"CrossEntropyLoss", "MSELoss", "BCEWithLogitsLoss"},
+    }
+
+
+ADAPTERS: dict[str, type[_AsdlKron]] = {
+    AsdlFisherExact.name: AsdlFisherExact,
+    AsdlFisherMC.name: AsdlFisherMC,
+    AsdlFisherEmp.name: AsdlFisherEmp,
+}

@@ -1,0 +1,309 @@
+"""Adapter for kronfluence (PyPI ``kronfluence``): its KFAC and EKFAC factors.
+
+kronfluence fits influence-function factors with ``Analyzer.fit_all_factors`` for a
+user-written ``kronfluence.task.Task`` and writes them to disk (safetensors under
+``output_dir/analysis_name/factors_<name>``); ``Analyzer.load_all_factors`` reads
+them back. Conventions, from the documentation and source:
+
+- ``Task.compute_train_loss(batch, model, sample)`` (``kronfluence/task.py``): returns
+  the loss of the batch; ``sample=True`` "must be implemented to approximate the true
+  Fisher" (labels drawn from the model's predictive distribution), ``sample=False``
+  uses the true labels, selected with ``FactorArguments.use_empirical_fisher``
+  (``kronfluence/arguments.py``). The Task here follows kronfluence's documented
+  examples: the PyTorch loss with ``reduction="sum"``; sampled labels from
+  ``Categorical(softmax f)`` (CE), ``N(f, ½ I)`` (MSE: ``torch.normal(f,
+  std=√0.5)``, as in kronfluence's UCI regression example) or ``Bernoulli(σ(f))``
+  (BCE). Each datum gets one sampled label per pass; ``mc_samples = M > 1`` is
+  served by passing the data set M times (each datum then has M independent labels),
+  which the library averages like any other data.
+- Covariances (``module/tracker/factor.py``, ``CovarianceTracker``): ``Σ ã ãᵀ`` over
+  flattened rows of the input with a 1 appended when the module has a bias
+  (``module/linear.py``, ``get_flattened_activation``: bias last, joint), and
+  ``Σ g gᵀ`` over rows of the output gradient; both are divided by their row
+  counts before the eigendecomposition (``factor/eigen.py``,
+  ``perform_eigendecomposition``). Strategy ``"kfac"`` (``factor/config.py``,
+  ``Kfac``) uses ``(U_G Λ_G U_Gᵀ) ⊗ (U_A Λ_A U_Aᵀ)`` on the ``(out, in + 1)``
+  gradient matrix (rvec). Strategy ``"ekfac"`` (``Ekfac``) uses
+  ``Q diag(Λ / N) Qᵀ`` with ``Q = U_G ⊗ U_A`` and ``Λ`` the sum over examples of the
+  squared per-example gradients in that basis (``LambdaTracker``).
+
+Conversion to the canonical target ``L = R Σ_n ℓ_n`` (KFAC_NOTES §1): the library's
+matrix is the per-example average ``(1/N) Σ_n F_n`` of the summed loss, so ``G`` (and
+the EKFAC matrix) is multiplied by ``R · N``. No factor 2 for MSE: the Task uses
+PyTorch's ``MSELoss`` itself. Without weight sharing the row counts are ``N``.
+
+Side effects are isolated: ``Analyzer.prepare_model`` freezes parameters, switches
+to ``eval()`` and wraps modules, so it works on a deep copy; factors are written to
+a ``tempfile.TemporaryDirectory`` removed afterwards; the global RNG (used for
+sampling) is forked and seeded with ``request.seed``. All factor dtypes are set to
+the model's dtype (``FactorArguments`` defaults are float32).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import tempfile
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from kfac_oracle.contract import DenseBlock, KFACRequest, KroneckerFactors
+
+_INSTALL_HINT = (
+    "kronfluence is not installed. Install it with "
+    "`pip install -c constraints-cpu.txt torch kronfluence`."
+)
+
+
+def _import_kronfluence() -> Any:
+    """Import ``kronfluence`` lazily.
+
+    Returns:
+        The ``kronfluence`` module with ``analyzer``, ``arguments`` and ``task``.
+
+    Raises:
+        ImportError: If kronfluence is not installed, with an install hint.
+    """
+    try:
+        import kronfluence
+        import kronfluence.analyzer
+        import kronfluence.arguments
+        import kronfluence.task
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(_INSTALL_HINT) from err
+    return kronfluence
+
+
+def library_version() -> str | None:
+    """Return the installed ``kronfluence`` distribution version, or ``None``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kronfluence")
+    except PackageNotFoundError:
+        return None
+
+
+def _sum_loss(loss_name: str) -> nn.Module:
+    """The PyTorch loss with ``reduction="sum"``."""
+    return getattr(nn, loss_name)(reduction="sum")
+
+
+def _make_task(kronfluence: Any, loss_name: str, tracked: list[str]) -> Any:
+    """Build the kronfluence ``Task`` for a PyTorch loss.
+
+    Args:
+        kronfluence: The imported kronfluence module.
+        loss_name: ``"CrossEntropyLoss"``, ``"MSELoss"`` or ``"BCEWithLogitsLoss"``.
+        tracked: Module names to track.
+
+    Returns:
+        A ``Task`` instance.
+    """
+    loss_func = _sum_loss(loss_name)
+
+    class _OracleTask(kronfluence.task.Task):
+        def compute_train_loss(
+            self, batch: Any, model: nn.Module, sample: bool = False
+        ) -> torch.Tensor:
+            X, y = batch
+            output = model(X)
+            if not sample:
+                return loss_func(output, y)
+            with torch.no_grad():
+                f = output.detach()
+                if loss_name == "CrossEntropyLoss":
+                    y = torch.multinomial(torch.softmax(f, dim=1), 1).squeeze(1)
+                elif loss_name == "MSELoss":
+                    y = torch.normal(f, std=math.sqrt(0.5))
+                else:
+                    y = torch.bernoulli(torch.sigmoid(f))
+            return loss_func(output, y)
+
+        def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
+            return self.compute_train_loss(batch, model, sample=False)
+
+        def get_influence_tracked_modules(self) -> list[str] | None:
+            return list(tracked)
+
+    return _OracleTask()
+
+
+class _KronfluenceBase:
+    """Shared implementation of the kronfluence adapters.
+
+    Attributes:
+        name: Built-in name.
+        capabilities: Declared support (see ``kfac_oracle.contract``).
+    """
+
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[dict[str, Any]] = {}
+    _strategy: ClassVar[str] = ""
+
+    def _check(self, request: KFACRequest, modules: dict[str, nn.Module]) -> None:
+        """Raise ``NotImplementedError`` for requests outside the capabilities."""
+        caps = self.capabilities
+        if request.fisher_type not in caps["fisher_type"]:
+            raise NotImplementedError(f"{self.name}: fisher_type {request.fisher_type}")
+        if request.kfac_approx not in caps["kfac_approx"]:
+            raise NotImplementedError(f"{self.name}: kfac_approx {request.kfac_approx}")
+        if request.loss_name not in caps["losses"]:
+            raise NotImplementedError(f"{self.name}: loss {request.loss_name}")
+        if request.reduction not in caps["reductions"]:
+            raise NotImplementedError(f"{self.name}: reduction {request.reduction}")
+        with torch.no_grad():
+            out = request.model(request.data[0][0][:1])
+        if out.ndim not in caps["output_ndim"]:
+            raise NotImplementedError(f"{self.name}: model output must be (N, C)")
+        if not modules:
+            raise NotImplementedError(f"{self.name}: no Linear/Conv2d module requested")
+
+    def compute(self, request: KFACRequest) -> dict[str, KroneckerFactors | DenseBlock]:
+        """Fit kronfluence's factors in a temporary directory and convert them.
+
+        Args:
+            request: The harness's request.
+
+        Returns:
+            Module name → ``KroneckerFactors`` (joint bias) for ``"kfac"``, or
+            ``DenseBlock`` (rvec, over ``[weight, bias]``) for ``"ekfac"``.
+
+        Raises:
+            NotImplementedError: If the request is outside the capabilities.
+        """
+        kf = _import_kronfluence()
+        from torch.utils.data import TensorDataset
+
+        wanted = set(request.layers)
+        modules = {
+            name: mod
+            for name, mod in request.model.named_modules()
+            if isinstance(mod, (nn.Linear, nn.Conv2d))
+            and (not wanted or name in wanted)
+        }
+        self._check(request, modules)
+        model = copy.deepcopy(request.model)
+        dtype = next(model.parameters()).dtype
+        task = _make_task(kf, request.loss_name, list(modules))
+
+        X_all = torch.cat([X for X, _ in request.data]).detach().clone()
+        y_all = torch.cat([y for _, y in request.data]).detach().clone()
+        repeats = request.mc_samples if request.fisher_type == "mc" else 1
+        dataset = TensorDataset(
+            X_all.repeat(repeats, *([1] * (X_all.ndim - 1))),
+            y_all.repeat(repeats, *([1] * (y_all.ndim - 1))),
+        )
+        factor_args = kf.arguments.FactorArguments(
+            strategy=self._strategy,
+            use_empirical_fisher=request.fisher_type == "empirical",
+            covariance_max_examples=None,
+            lambda_max_examples=None,
+            activation_covariance_dtype=dtype,
+            gradient_covariance_dtype=dtype,
+            eigendecomposition_dtype=torch.float64,
+            per_sample_gradient_dtype=dtype,
+            lambda_dtype=dtype,
+        )
+        batch_size = max(len(X) for X, _ in request.data)
+        kf_logger = logging.getLogger("kronfluence")
+        with tempfile.TemporaryDirectory(prefix="kfac_oracle_kronfluence_") as tmp:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(request.seed)
+                model = kf.analyzer.prepare_model(model, task)
+                analyzer = kf.analyzer.Analyzer(
+                    analysis_name="oracle",
+                    model=model,
+                    task=task,
+                    cpu=True,
+                    disable_tqdm=True,
+                    output_dir=tmp,
+                    disable_model_save=True,
+                    log_level=kf_logger.getEffectiveLevel(),
+                )
+                analyzer.fit_all_factors(
+                    factors_name="factors",
+                    dataset=dataset,
+                    per_device_batch_size=batch_size,
+                    factor_args=factor_args,
+                    overwrite_output_dir=True,
+                )
+                factors = analyzer.load_all_factors(factors_name="factors")
+
+        N = request.num_data
+        with torch.no_grad():
+            out = request.model(request.data[0][0][:1])
+        if request.reduction == "sum":
+            R = 1.0
+        elif request.loss_name == "CrossEntropyLoss":
+            R = 1.0 / (N * math.prod(out.shape[2:]))
+        else:
+            R = 1.0 / (N * math.prod(out.shape[1:]))
+        factor = R * N
+
+        result: dict[str, KroneckerFactors | DenseBlock] = {}
+        for name, mod in modules.items():
+            has_bias = mod.bias is not None
+            U_A = factors["activation_eigenvectors"][name]
+            U_G = factors["gradient_eigenvectors"][name]
+            if self._strategy == "kfac":
+                lam_A = factors["activation_eigenvalues"][name]
+                lam_G = factors["gradient_eigenvalues"][name]
+                result[name] = KroneckerFactors(
+                    input_covariance=(U_A * lam_A) @ U_A.T,
+                    gradient_covariance=factor * ((U_G * lam_G) @ U_G.T),
+                    bias="joint" if has_bias else "none",
+                )
+                continue
+            lam = factors["lambda_matrix"][name] / factors["num_lambda_processed"][name]
+            Q = torch.kron(U_G, U_A)
+            M = factor * (Q * lam.reshape(-1)) @ Q.T
+            if has_bias:
+                out_f, in_f = U_G.shape[0], U_A.shape[0] - 1
+                idx = torch.arange(out_f * (in_f + 1)).reshape(out_f, in_f + 1)
+                perm = torch.cat([idx[:, :in_f].flatten(), idx[:, in_f]])
+                M = M[perm][:, perm]
+            result[name] = DenseBlock(matrix=M, layout="rvec")
+        return result
+
+
+_CAPS: dict[str, Any] = {
+    "fisher_type": {"mc", "empirical"},
+    "kfac_approx": {"expand"},
+    "layers": {"Linear", "Conv2d"},
+    "losses": {"CrossEntropyLoss", "MSELoss", "BCEWithLogitsLoss"},
+    "reductions": {"mean", "sum"},
+    "output_ndim": {2},
+}
+
+
+class KronfluenceKFAC(_KronfluenceBase):
+    """kronfluence strategy ``"kfac"``: ``KroneckerFactors(A, R·N·G, bias="joint")``.
+
+    ``A`` and ``G`` are rebuilt from the library's eigendecomposition of the
+    count-normalised covariances.
+    """
+
+    name = "kronfluence-kfac"
+    _strategy = "kfac"
+    capabilities = _CAPS
+
+
+class KronfluenceEKFAC(_KronfluenceBase):
+    """kronfluence strategy ``"ekfac"``: ``DenseBlock(R·N · Q diag(Λ/N) Qᵀ)``.
+
+    ``Q = U_G ⊗ U_A`` over rvec([W | b]), permuted to ``[rvec(W); b]``.
+    """
+
+    name = "kronfluence-ekfac"
+    _strategy = "ekfac"
+    capabilities = _CAPS
+
+
+ADAPTERS: dict[str, type[_KronfluenceBase]] = {
+    KronfluenceKFAC.name: KronfluenceKFAC,
+    KronfluenceEKFAC.name: KronfluenceEKFAC,
+}

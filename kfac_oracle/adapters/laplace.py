@@ -1,0 +1,316 @@
+"""Adapters exposing laplace-torch's ``KronLaplace`` Kronecker factors.
+
+laplace-torch (PyPI ``laplace-torch``, tested with 0.3) fits a Laplace approximation
+with a Kronecker-factored log-likelihood Hessian. ``KronLaplace.fit(train_loader)``
+loops over the loader's batches, asks the backend for each batch's factors
+(``backend.kron(X, y, N=len(train_loader.dataset))``) and *sums* them
+(``laplace/baselaplace.py: ParametricLaplace.fit``: ``self.H += H_batch``); the
+undecomposed sum is kept in ``KronLaplace.H_facs`` (``KronLaplace.fit``). The
+backends rescale each batch's input factor by ``B_b/N`` before the sum
+(``_rescale_kron_factors`` in ``laplace/curvature/{curvlinops,backpack,asdl}.py``), so
+the library itself combines batches; the adapter only feeds it the request's batches
+(a ``DataLoader`` whose ``batch_sampler`` reproduces them, sizes included).
+
+Layout (``laplace/utils/matrix.py: Kron``): ``H_facs.kfacs`` has one entry per
+parameter in ``model.parameters()`` order; a weight has ``[Q, H]`` with
+``Kron._bmm`` computing ``Q @ W @ Hᵀ`` on the ``(out, in)`` weight, i.e. the block is
+``Q ⊗ H`` in rvec, so ``Q = G`` and ``H = A``; a bias has ``[G_bias]`` and there are no
+weight-bias cross terms. The adapters report ``bias="separate"``.
+
+Scale (documented in ``laplace/curvature/curvature.py: CurvatureInterface``): the
+curvature is that of the negative log-likelihood summed over the data, computed from
+``MSELoss(reduction="sum")`` ("regression") or ``CrossEntropyLoss(reduction="sum")``
+("classification") times ``backend.factor`` -- "conversion factor between torch losses
+and base likelihoods. For example, 1/2 to get to N(f, 1) from MSELoss" (``factor`` is
+``1/2`` for regression and ``1`` for classification). ``sigma_noise``, ``temperature``
+and the prior enter only the posterior precision (``_H_factor``), not ``H_facs``; the
+adapter uses their defaults and reads ``H_facs``. The contract's target is
+``L = R Σ_n ℓ_n`` (``R = 1`` for sum, ``1/(N·T)`` for mean), so the adapter reports
+
+    block = (R / factor) · H_laplace,
+
+putting the scalar into ``A`` (and the separate bias block). The empirical Fisher is
+quadratic in the loss scale: the EF of the documented likelihood ``N(f, 1)``, whose
+per-datum gradient is ``(f - y)``, is ``factor² = 1/4`` times the EF of ``MSELoss``, so
+for ``fisher_type="empirical"`` the adapter reports ``(R / factor²) · H_laplace``.
+That is the only conversion; anything else a backend does differently is a finding
+(``docs/adapters/laplace.md``; e.g. laplace-torch scales the regression EF by
+``factor`` rather than ``factor²``, finding L1).
+
+Fisher types: ``"type-2"`` is the backend's ``*GGN`` class, ``"mc"`` the same class with
+``backend_kwargs={"stochastic": True}``, ``"empirical"`` the ``*EF`` class. Keyword
+arguments that reach the backend's ``kron`` go through ``asdl_fisher_kwargs``
+(``KronLaplace._curv_closure``): ``mc_samples``, ``seed`` and ``kfac_approx`` for
+curvlinops (comment in ``CurvlinopsInterface.kron``), ``n_mc_samples`` and ``seed`` for
+ASDL (``asdl.fisher.FisherConfig``). The BackPACK backend takes none (one MC sample,
+BackPACK's ``KFAC()`` default, global RNG seeded here).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from kfac_oracle.contract import KFACRequest, KroneckerFactors
+
+_INSTALL_HINT = (
+    "laplace-torch is not installed: pip install laplace-torch "
+    "curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1, then "
+    "`pip uninstall -y torchvision` (torchmetrics imports torchvision when present, "
+    "and the PyPI torchvision does not import beside a CPU torch)"
+)
+
+_LIKELIHOOD = {"MSELoss": "regression", "CrossEntropyLoss": "classification"}
+
+
+def library_version() -> str | None:
+    """Return the installed ``laplace-torch`` version, or ``None``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("laplace-torch")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _import_laplace() -> Any:
+    """Import laplace-torch lazily.
+
+    Returns:
+        The ``laplace`` module.
+
+    Raises:
+        ImportError: If laplace-torch (or its backend) cannot be imported.
+    """
+    try:
+        import laplace
+        import laplace.curvature  # noqa: F401
+    except (ImportError, RuntimeError) as err:  # pragma: no cover - environment
+        # RuntimeError: torchmetrics imported an incompatible torchvision.
+        raise ImportError(f"{_INSTALL_HINT} ({err})") from err
+    return laplace
+
+
+class _LaplaceKronBase:
+    """Shared implementation; subclasses choose the curvature backend."""
+
+    name = "laplace-kron"
+    capabilities: dict[str, Any] = {}
+    _backend_names: dict[str, str] = {}
+
+    def _kron_kwargs(self, request: KFACRequest) -> dict[str, Any]:
+        """Keyword arguments for the backend's ``kron`` (via ``asdl_fisher_kwargs``)."""
+        return {}
+
+    def _check(self, request: KFACRequest) -> None:
+        """Raise ``NotImplementedError`` for requests outside the capabilities.
+
+        Args:
+            request: The request.
+
+        Raises:
+            NotImplementedError: If the request is not supported.
+        """
+        caps = self.capabilities
+        if request.fisher_type not in caps["fisher_type"]:
+            raise NotImplementedError(f"{self.name}: fisher_type {request.fisher_type}")
+        if request.kfac_approx not in caps["kfac_approx"]:
+            raise NotImplementedError(f"{self.name}: kfac_approx {request.kfac_approx}")
+        if request.loss_name not in caps["losses"]:
+            raise NotImplementedError(f"{self.name}: loss {request.loss_name}")
+        if request.reduction not in caps["reductions"]:
+            raise NotImplementedError(f"{self.name}: reduction {request.reduction}")
+        loss = request.loss_func
+        if isinstance(loss, nn.CrossEntropyLoss) and (
+            loss.weight is not None
+            or loss.ignore_index != -100
+            or loss.label_smoothing != 0.0
+        ):
+            raise NotImplementedError(f"{self.name}: non-default CrossEntropyLoss")
+        for name, mod in request.model.named_modules():
+            own = list(mod.parameters(recurse=False))
+            if own and not isinstance(mod, (nn.Linear, nn.Conv2d)):
+                raise NotImplementedError(
+                    f"{self.name}: module {name} ({type(mod).__name__}) has parameters"
+                )
+
+    def compute(self, request: KFACRequest) -> dict[str, KroneckerFactors]:
+        """Fit ``KronLaplace`` on the request's batches and convert its factors.
+
+        Args:
+            request: The request.
+
+        Returns:
+            ``KroneckerFactors`` (``bias="separate"`` or ``"none"``) per module name.
+
+        Raises:
+            NotImplementedError: For unsupported requests.
+        """
+        self._check(request)
+        laplace = _import_laplace()
+        import laplace.curvature as curv
+        from torch.utils.data import DataLoader, TensorDataset
+
+        backend_name = self._backend_names[request.fisher_type]
+        backend = getattr(curv, backend_name, None)
+        if backend is None:
+            raise ImportError(f"laplace.curvature.{backend_name} unavailable")
+        backend_kwargs = {"stochastic": True} if request.fisher_type == "mc" else None
+
+        # KronLaplace calls model.eval(), sets `output_size` on the model, and the
+        # BackPACK backend extends it: work on a copy.
+        model = copy.deepcopy(request.model)
+        lap = laplace.KronLaplace(
+            model,
+            _LIKELIHOOD[request.loss_name],
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+            asdl_fisher_kwargs=self._kron_kwargs(request),
+        )
+
+        X = torch.cat([X for X, _ in request.data])
+        y = torch.cat([y for _, y in request.data])
+        batches, start = [], 0
+        for Xb, _ in request.data:
+            batches.append(list(range(start, start + len(Xb))))
+            start += len(Xb)
+        loader = DataLoader(TensorDataset(X, y), batch_sampler=batches)
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(request.seed)
+            lap.fit(loader)
+
+        with torch.no_grad():
+            out = model(X[:1])
+        if out.ndim != 2:
+            raise NotImplementedError(f"{self.name}: model output must be 2-D")
+        num_data = request.num_data
+        if request.reduction == "sum":
+            R = 1.0
+        elif request.loss_name == "MSELoss":
+            R = 1.0 / (num_data * out[0].numel())
+        else:
+            R = 1.0 / num_data
+        # GGN/Fisher are linear in the loss scale, the EF quadratic (module docstring).
+        power = 2 if request.fisher_type == "empirical" else 1
+        scale = R / lap.backend.factor**power
+
+        kfacs = lap.H_facs.kfacs
+        index = {id(p): i for i, p in enumerate(lap.params)}
+        wanted = set(request.layers)
+        result: dict[str, KroneckerFactors] = {}
+        for name, mod in model.named_modules():
+            if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+                continue
+            if wanted and name not in wanted:
+                continue
+            w_facs = kfacs[index[id(mod.weight)]]
+            if len(w_facs) != 2:
+                raise NotImplementedError(
+                    f"{self.name}: {name} has a non-Kronecker weight block"
+                )
+            G, A = (f.detach().clone() for f in w_facs)
+            if mod.bias is not None:
+                (G_bias,) = kfacs[index[id(mod.bias)]]
+                result[name] = KroneckerFactors(
+                    input_covariance=scale * A,
+                    gradient_covariance=G,
+                    bias="separate",
+                    bias_covariance=scale * G_bias.detach().clone(),
+                )
+            else:
+                result[name] = KroneckerFactors(
+                    input_covariance=scale * A, gradient_covariance=G, bias="none"
+                )
+        return result
+
+
+_COMMON_CAPS: dict[str, Any] = {
+    "layers": {"Linear", "Conv2d"},
+    "losses": {"MSELoss", "CrossEntropyLoss"},
+    "reductions": {"mean", "sum"},
+    "output_ndim": {2},
+}
+
+
+class LaplaceKronCurvlinops(_LaplaceKronBase):
+    """``KronLaplace`` with the curvlinops backend (laplace-torch's default).
+
+    ``CurvlinopsGGN`` / ``CurvlinopsEF`` build a ``curvlinops.KFACLinearOperator`` per
+    batch with the summed loss (``separate_weight_and_bias=True``); ``kfac_approx``,
+    ``mc_samples`` and ``seed`` are forwarded to it through ``asdl_fisher_kwargs``.
+    """
+
+    name = "laplace-kron-curvlinops"
+    capabilities = {
+        **_COMMON_CAPS,
+        "fisher_type": {"type-2", "mc", "empirical"},
+        "kfac_approx": {"expand", "reduce"},
+    }
+    _backend_names = {
+        "type-2": "CurvlinopsGGN",
+        "mc": "CurvlinopsGGN",
+        "empirical": "CurvlinopsEF",
+    }
+
+    def _kron_kwargs(self, request: KFACRequest) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"kfac_approx": request.kfac_approx}
+        if request.fisher_type == "mc":
+            kwargs.update(mc_samples=request.mc_samples, seed=request.seed)
+        return kwargs
+
+
+class LaplaceKronBackpack(_LaplaceKronBase):
+    """``KronLaplace`` with the BackPACK backend (``BackPackGGN``).
+
+    Uses BackPACK's ``KFLR`` (type-2) or ``KFAC()`` with one MC sample; BackPACK has no
+    Kronecker EF (``BackPackEF.kron`` raises). Inherits BackPACK's Conv2d factors
+    (see ``docs/adapters/backpack.md``).
+    """
+
+    name = "laplace-kron-backpack"
+    capabilities = {
+        **_COMMON_CAPS,
+        "fisher_type": {"type-2", "mc"},
+        "kfac_approx": {"expand"},
+    }
+    _backend_names = {"type-2": "BackPackGGN", "mc": "BackPackGGN"}
+
+    def _check(self, request: KFACRequest) -> None:
+        super()._check(request)
+        if request.fisher_type == "mc" and request.mc_samples != 1:
+            raise NotImplementedError(
+                f"{self.name}: the BackPACK backend draws exactly one MC sample"
+            )
+
+
+class LaplaceKronAsdl(_LaplaceKronBase):
+    """``KronLaplace`` with the ASDL backend (``AsdlGGN`` / ``AsdlEF``).
+
+    ASDL comes from PyPI ``asdfghjkl==0.1a4`` (import name ``asdl``), the version
+    laplace-torch 0.3 pins. ``n_mc_samples`` and ``seed`` go to ASDL's
+    ``FisherConfig`` through ``asdl_fisher_kwargs``.
+    """
+
+    name = "laplace-kron-asdl"
+    capabilities = {
+        **_COMMON_CAPS,
+        "fisher_type": {"type-2", "mc", "empirical"},
+        "kfac_approx": {"expand"},
+    }
+    _backend_names = {"type-2": "AsdlGGN", "mc": "AsdlGGN", "empirical": "AsdlEF"}
+
+    def _kron_kwargs(self, request: KFACRequest) -> dict[str, Any]:
+        if request.fisher_type == "mc":
+            return {"n_mc_samples": request.mc_samples, "seed": request.seed}
+        return {}
+
+
+ADAPTERS = {
+    "laplace-kron-curvlinops": LaplaceKronCurvlinops,
+    "laplace-kron-backpack": LaplaceKronBackpack,
+    "laplace-kron-asdl": LaplaceKronAsdl,
+}

@@ -1,0 +1,275 @@
+"""Adapter for nngeometry (PyPI ``nngeometry``): ``PMatKFAC`` and ``PMatEKFAC``.
+
+nngeometry builds Fisher matrices with ``nngeometry.metrics.FIM`` (closed-form
+expectation over ``y | x``) and ``FIM_MonteCarlo`` (sampled ``y``), both returning
+``representation(generator=TorchHooksJacobianBackend(...), examples=loader)``
+(``nngeometry/metrics.py``). Conventions, as documented there and in the source:
+
+- ``FIM`` docstring: variant ``'classif_logits'``: "the NN returns logits to be used
+  in a softmax model"; ``'classif_binary_logits'``: "1d logits to be used in a
+  sigmoid model"; ``'regression'``: "the NN returns the mean of a normal
+  distribution with identity covariance" (Fisher ``Jᵀ J``, i.e. the GGN of
+  ``½‖f − y‖²``). ``FIM_MonteCarlo`` only has classification variants.
+- The Fisher is an average over the examples: ``get_kfac_blocks``
+  (``backend/torch_hooks/torch_hooks.py``) divides by ``n_examples =
+  len(loader.sampler)``; the product ``G ⊗ A`` is ``(1/N²) Σ g gᵀ ⊗ Σ ã ãᵀ``
+  (the ``√n_output`` moved between the factors is a scalar).
+- Factor layout (``object/pspace.py``, ``PMatKFAC.to_torch`` and
+  ``backend/torch_hooks/grads.py``, ``kfac_xx``/``kfac_gg``): ``pmat.data[layer_id]
+  = (a, g)``, ``a`` over ``[x; 1]`` (bias last, joint), block ``g ⊗ a`` over the
+  rows of ``[W | b]`` (rvec). Conv2d: ``a`` sums unfold patches over positions,
+  ``g`` divides by the number of positions (KFAC-expand up to a scalar).
+- ``PMatEKFAC`` (``object/pspace.py``): eigenvectors ``(evecs_a, evecs_g)`` of the
+  KFAC factors and a diagonal that must be refreshed with ``update_diag(examples)``
+  (George et al.'s re-fitted eigenvalues; without it the diagonal is the KFAC one).
+  ``PMatEKFAC.mv`` applies ``(U_g ⊗ U_a) diag(d) (U_g ⊗ U_a)ᵀ`` to rvec([W | b]).
+
+Conversion to the canonical target ``L = R Σ_n ℓ_n`` (KFAC_NOTES §1): nngeometry's
+matrix is ``(1/N) Σ_n F_n``, so ``G`` is multiplied by ``R · N · k`` with ``k = 2``
+for MSE (identity-covariance Gaussian vs. PyTorch's ``‖f − y‖²``) and ``k = 1``
+otherwise. Bias is ``"joint"`` (``a`` already holds the 1). EKFAC is returned as a
+``DenseBlock`` over ``[rvec(W); b]``.
+
+The backend sets ``requires_grad`` on the input tensors it is given, so the adapter
+passes clones, and runs on a deep copy of the model. MC sampling uses the global
+torch RNG, which is forked and seeded with ``request.seed``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from kfac_oracle.contract import DenseBlock, KFACRequest, KroneckerFactors
+
+_INSTALL_HINT = (
+    "nngeometry is not installed. Install it with "
+    "`pip install -c constraints-cpu.txt torch nngeometry`."
+)
+
+_VARIANTS = {
+    "CrossEntropyLoss": "classif_logits",
+    "MSELoss": "regression",
+    "BCEWithLogitsLoss": "classif_binary_logits",
+}
+
+
+def _import_nngeometry() -> Any:
+    """Import ``nngeometry`` lazily.
+
+    Returns:
+        The ``nngeometry`` module with ``metrics``, ``object`` and
+        ``layercollection`` loaded.
+
+    Raises:
+        ImportError: If nngeometry is not installed, with an install hint.
+    """
+    try:
+        import nngeometry
+        import nngeometry.layercollection
+        import nngeometry.metrics
+        import nngeometry.object
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(_INSTALL_HINT) from err
+    return nngeometry
+
+
+def library_version() -> str | None:
+    """Return the installed ``nngeometry`` distribution version, or ``None``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nngeometry")
+    except PackageNotFoundError:
+        return None
+
+
+def _joint_to_torch_order(out_features: int, in_features: int) -> torch.Tensor:
+    """Permutation from rvec([W | b]) to PyTorch's ``[rvec(W); b]``."""
+    idx = torch.arange(out_features * (in_features + 1)).reshape(
+        out_features, in_features + 1
+    )
+    return torch.cat([idx[:, :in_features].flatten(), idx[:, in_features]])
+
+
+class _NngeometryBase:
+    """Shared implementation of the nngeometry adapters.
+
+    Attributes:
+        name: Built-in name.
+        capabilities: Declared support (see ``kfac_oracle.contract``).
+    """
+
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[dict[str, Any]] = {}
+    _ekfac: ClassVar[bool] = False
+
+    def _check(self, request: KFACRequest, modules: dict[str, nn.Module]) -> None:
+        """Raise ``NotImplementedError`` for requests outside the capabilities."""
+        caps = self.capabilities
+        if request.fisher_type not in caps["fisher_type"]:
+            raise NotImplementedError(f"{self.name}: fisher_type {request.fisher_type}")
+        if request.kfac_approx not in caps["kfac_approx"]:
+            raise NotImplementedError(f"{self.name}: kfac_approx {request.kfac_approx}")
+        if request.loss_name not in caps["losses"]:
+            raise NotImplementedError(f"{self.name}: loss {request.loss_name}")
+        if request.fisher_type == "mc" and request.loss_name != "CrossEntropyLoss":
+            raise NotImplementedError(f"{self.name}: MC only for CrossEntropyLoss")
+        if request.reduction not in caps["reductions"]:
+            raise NotImplementedError(f"{self.name}: reduction {request.reduction}")
+        X = request.data[0][0]
+        with torch.no_grad():
+            out = request.model(X[:1])
+        if out.ndim not in caps["output_ndim"]:
+            raise NotImplementedError(f"{self.name}: model output must be (N, C)")
+        for name, mod in modules.items():
+            if isinstance(mod, nn.Conv2d) and (
+                mod.groups != 1 or isinstance(mod.padding, str)
+            ):
+                # nngeometry's Conv2dLayer has no groups; F.unfold needs int padding.
+                raise NotImplementedError(
+                    f"{self.name}: Conv2d {name!r} with groups or string padding"
+                )
+
+    def compute(self, request: KFACRequest) -> dict[str, KroneckerFactors | DenseBlock]:
+        """Compute nngeometry's KFAC (or EKFAC) blocks.
+
+        Args:
+            request: The harness's request.
+
+        Returns:
+            Module name → ``KroneckerFactors`` (joint bias) for KFAC, or
+            ``DenseBlock`` (rvec, over ``[weight, bias]``) for EKFAC.
+
+        Raises:
+            NotImplementedError: If the request is outside the capabilities.
+        """
+        nng = _import_nngeometry()
+        from torch.utils.data import DataLoader, TensorDataset
+
+        wanted = set(request.layers)
+        modules = {
+            name: mod
+            for name, mod in request.model.named_modules()
+            if isinstance(mod, (nn.Linear, nn.Conv2d))
+            and (not wanted or name in wanted)
+        }
+        self._check(request, modules)
+        model = copy.deepcopy(request.model)
+        copies = dict(model.named_modules())
+        layer_collection = nng.layercollection.LayerCollection()
+        for name in modules:
+            layer_collection.add_layer_from_model(model, copies[name])
+
+        X_all = torch.cat([X for X, _ in request.data]).detach().clone()
+        y_all = torch.cat([y for _, y in request.data]).detach().clone()
+        batches, start = [], 0
+        for X, _ in request.data:
+            batches.append(list(range(start, start + len(X))))
+            start += len(X)
+        loader = DataLoader(TensorDataset(X_all, y_all), batch_sampler=batches)
+
+        representation = nng.object.PMatEKFAC if self._ekfac else nng.object.PMatKFAC
+        variant = _VARIANTS[request.loss_name]
+
+        def function(*d: torch.Tensor) -> torch.Tensor:
+            return model(d[0])
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(request.seed)
+            if request.fisher_type == "mc":
+                pmat = nng.metrics.FIM_MonteCarlo(
+                    model=model,
+                    loader=loader,
+                    representation=representation,
+                    variant=variant,
+                    trials=request.mc_samples,
+                    function=function,
+                    layer_collection=layer_collection,
+                )
+            else:
+                pmat = nng.metrics.FIM(
+                    model=model,
+                    loader=loader,
+                    representation=representation,
+                    variant=variant,
+                    function=function,
+                    layer_collection=layer_collection,
+                )
+            if self._ekfac:
+                pmat.update_diag(loader)
+
+        N = request.num_data
+        with torch.no_grad():
+            out = request.model(request.data[0][0][:1])
+        if request.reduction == "sum":
+            R = 1.0
+        elif request.loss_name == "CrossEntropyLoss":
+            R = 1.0 / (N * math.prod(out.shape[2:]))
+        else:
+            R = 1.0 / (N * math.prod(out.shape[1:]))
+        factor = R * N * (2.0 if request.loss_name == "MSELoss" else 1.0)
+
+        result: dict[str, KroneckerFactors | DenseBlock] = {}
+        for name, mod in modules.items():
+            has_bias = mod.bias is not None
+            if not self._ekfac:
+                a, g = pmat.data[name]
+                result[name] = KroneckerFactors(
+                    input_covariance=a.detach().clone(),
+                    gradient_covariance=(factor * g).detach().clone(),
+                    bias="joint" if has_bias else "none",
+                )
+                continue
+            evecs, diags = pmat.data
+            evecs_a, evecs_g = evecs[name]
+            Q = torch.kron(evecs_g, evecs_a)
+            M = factor * (Q * diags[name].reshape(-1)) @ Q.T
+            if has_bias:
+                out_f = mod.weight.shape[0]
+                perm = _joint_to_torch_order(out_f, mod.weight[0].numel())
+                M = M[perm][:, perm]
+            result[name] = DenseBlock(matrix=M.detach().clone(), layout="rvec")
+        return result
+
+
+_CAPS: dict[str, Any] = {
+    "fisher_type": {"type-2", "mc"},
+    "kfac_approx": {"expand"},
+    "layers": {"Linear", "Conv2d"},
+    "losses": {"CrossEntropyLoss", "MSELoss", "BCEWithLogitsLoss"},
+    "reductions": {"mean", "sum"},
+    "output_ndim": {2},
+}
+
+
+class NngeometryKFAC(_NngeometryBase):
+    """nngeometry ``PMatKFAC`` from ``FIM`` (type-2) or ``FIM_MonteCarlo`` (MC, CE).
+
+    Returns ``KroneckerFactors(a, R·N·k·g, bias="joint")`` per layer.
+    """
+
+    name = "nngeometry-kfac"
+    capabilities = _CAPS
+
+
+class NngeometryEKFAC(_NngeometryBase):
+    """nngeometry ``PMatEKFAC`` with ``update_diag`` (re-fitted eigenvalues).
+
+    Returns ``DenseBlock(R·N·k · Q diag(d) Qᵀ)`` with ``Q = U_g ⊗ U_a`` over
+    rvec([W | b]), permuted to ``[rvec(W); b]``.
+    """
+
+    name = "nngeometry-ekfac"
+    _ekfac = True
+    capabilities = _CAPS
+
+
+ADAPTERS: dict[str, type[_NngeometryBase]] = {
+    NngeometryKFAC.name: NngeometryKFAC,
+    NngeometryEKFAC.name: NngeometryEKFAC,
+}

@@ -1,0 +1,311 @@
+"""The case catalogue: declarative cases, their claims, and loading case files.
+
+A case file is a Python file defining ``CASES``, a list of :class:`Case`. The built-in
+files live in the project's ``cases/`` folder (shipped inside the installed package as
+``kfac_oracle/_cases``). Users add their own with ``KFAC_ORACLE_CASES`` (paths to
+files or folders separated by ``os.pathsep``) or the command line's ``--case-file``.
+
+Claims (notes §5) are per layer. A :class:`Claim` says whether the reference KFAC of a
+flavour equals the matching exact block (``statement="kfac"``): type-2 ↔ GGN,
+empirical ↔ empirical Fisher, mc ↔ MC Fisher for the same samples; whether the per-layer
+Hessian block equals the GGN block (``"hessian"``, E8); whether MC-KFAC converges to
+type-2 KFAC (``"mc_convergence"``, E6). ``holds=False`` is a negative claim: the two
+provably differ and the gap must be clear. E7 (EKFAC's diagonal equals
+``diag(Qᵀ B Q)`` of the exact block) holds for every layer and is implied.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kfac_oracle.models import build_model, describe
+from kfac_oracle.problem import Problem
+
+EQUIVALENCES = {
+    "E1": "one datum: KFAC equals the block of its flavour, any network and loss",
+    "E2": "affine tail + MSE: type-2 KFAC equals the GGN block",
+    "E3": "expand setting: KFAC-expand exact, KFAC-reduce not",
+    "E4": "reduce setting: KFAC-reduce exact, KFAC-expand not (before the pooling)",
+    "E5": "convolutions: per-pixel expand exact; conv-pool-affine reduce exact",
+    "E6": "MC-KFAC converges to type-2 KFAC as M grows",
+    "E7": "EKFAC's diagonal equals the exact block's diagonal in the Kronecker basis",
+    "E8": "deep linear net: per-layer Hessian block equals the GGN block",
+    "N": "negative: KFAC differs from the exact block",
+}
+STATEMENTS = ("kfac", "hessian", "mc_convergence")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One provable statement about one layer of a case.
+
+    Attributes:
+        equivalence: ``"E1"`` ... ``"E8"``, or ``"N"`` for a plain negative claim.
+        statement: ``"kfac"``, ``"hessian"`` or ``"mc_convergence"``.
+        fisher_type: The KFAC flavour (``"type-2"``, ``"empirical"``, ``"mc"``).
+        kfac_approx: ``"expand"`` or ``"reduce"``.
+        holds: ``False`` for a negative claim (a clear gap is asserted).
+    """
+
+    equivalence: str
+    statement: str = "kfac"
+    fisher_type: str = "type-2"
+    kfac_approx: str = "expand"
+    holds: bool = True
+
+    @property
+    def id(self) -> str:
+        """A readable id, e.g. ``E3-kfac-type-2-reduce-not``."""
+        parts = [self.equivalence, self.statement]
+        if self.statement == "kfac":
+            parts += [self.fisher_type, self.kfac_approx]
+        if self.statement == "mc_convergence":
+            parts += [self.kfac_approx]
+        if not self.holds:
+            parts.append("not")
+        return "-".join(parts)
+
+    def as_dict(self) -> dict:
+        """JSON-friendly form."""
+        return {
+            "id": self.id,
+            "equivalence": self.equivalence,
+            "statement": self.statement,
+            "fisher_type": self.fisher_type,
+            "kfac_approx": self.kfac_approx,
+            "holds": self.holds,
+        }
+
+
+@dataclass
+class Case:
+    """A declarative catalogue case.
+
+    Attributes:
+        id: Stable identifier (used in test ids and records).
+        family: Family name, e.g. ``"deep_linear"``.
+        model: Layer specs (:mod:`kfac_oracle.models`).
+        input_shape: Shape of one datum's input.
+        loss: ``"MSELoss"``, ``"CrossEntropyLoss"`` or ``"BCEWithLogitsLoss"``.
+        reduction: ``"mean"`` or ``"sum"``.
+        batch_sizes: Sizes of the batches; ``N = sum(batch_sizes)``.
+        setting: Weight sharing: ``"none"``, ``"expand"`` or ``"reduce"``.
+        claims: ``{layer name: [Claim, ...]}``.
+        targets: ``"default"``; ``"soft"`` or ``"binary"`` for BCE.
+        identical_data: Repeat one datum ``N`` times (E1 with ``N > 1``).
+        seed: Seed of the model and the data.
+        description: One line on what the case exercises.
+    """
+
+    id: str
+    family: str
+    model: list
+    input_shape: tuple[int, ...]
+    loss: str
+    reduction: str = "mean"
+    batch_sizes: tuple[int, ...] = (4, 2)
+    setting: str = "none"
+    claims: dict[str, list[Claim]] = field(default_factory=dict)
+    targets: str = "default"
+    identical_data: bool = False
+    seed: int = 0
+    description: str = ""
+
+    def __str__(self) -> str:
+        return self.id
+
+    @property
+    def num_data(self) -> int:
+        """N."""
+        return sum(self.batch_sizes)
+
+    def build_model(self, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+        """The case's model with seeded parameters."""
+        return build_model(self.model, seed=self.seed, dtype=dtype)
+
+    def build(
+        self,
+        dtype: torch.dtype = torch.float64,
+        device: str | torch.device = "cpu",
+    ) -> Problem:
+        """The :class:`Problem`: model, loss module and seeded batches."""
+        model = self.build_model(dtype).to(device)
+        loss_func = getattr(torch.nn, self.loss)(reduction=self.reduction)
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        N = self.num_data
+        if self.identical_data:
+            X = torch.randn((1, *self.input_shape), generator=generator)
+            X = X.expand(N, *self.input_shape).clone()
+        else:
+            X = torch.randn((N, *self.input_shape), generator=generator)
+        X = X.to(dtype=dtype, device=device)
+        with torch.no_grad():
+            out_shape = model(X[:1]).shape[1:]
+        y = self._targets(out_shape, N, generator)
+        if self.identical_data:
+            y = y[:1].expand(N, *y.shape[1:]).clone()
+        y = y.to(device=device, dtype=dtype if y.dtype.is_floating_point else y.dtype)
+        data, start = [], 0
+        for size in self.batch_sizes:
+            data.append((X[start : start + size], y[start : start + size]))
+            start += size
+        return Problem(model, loss_func, data)
+
+    def _targets(self, out_shape, N, generator):
+        if self.loss == "CrossEntropyLoss":
+            C = out_shape[0]
+            return torch.randint(0, C, (N, *out_shape[1:]), generator=generator)
+        if self.loss == "BCEWithLogitsLoss":
+            p = torch.rand((N, *out_shape), generator=generator)
+            return p if self.targets == "soft" else (p > 0.5).to(p.dtype)
+        return torch.randn((N, *out_shape), generator=generator)
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the case's Linear and Conv2d modules."""
+        return [
+            str(i) for i, s in enumerate(self.model) if s[0] in ("Linear", "Conv2d")
+        ]
+
+    def num_params(self) -> int:
+        """Number of parameters of the model."""
+        return sum(p.numel() for p in self.build_model().parameters())
+
+    def claims_for(self, layer: str) -> list[Claim]:
+        """The claims of one layer (E7 is implied everywhere and not listed)."""
+        return list(self.claims.get(layer, []))
+
+    def as_dict(self) -> dict:
+        """JSON-friendly summary (``kfac-oracle cases --json``)."""
+        return {
+            "id": self.id,
+            "family": self.family,
+            "model": describe(self.model),
+            "input_shape": list(self.input_shape),
+            "loss": self.loss,
+            "reduction": self.reduction,
+            "batch_sizes": list(self.batch_sizes),
+            "num_data": self.num_data,
+            "setting": self.setting,
+            "num_params": self.num_params(),
+            "layers": self.layers,
+            "claims": {
+                layer: [c.as_dict() for c in self.claims_for(layer)]
+                for layer in self.layers
+            },
+            "description": self.description,
+        }
+
+
+def builtin_case_dir() -> Path:
+    """The folder of the built-in case files (installed or source checkout)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "_cases"
+    return installed if installed.is_dir() else here.parent / "cases"
+
+
+def _case_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.glob("*.py") if not p.name.startswith("_"))
+    if path.is_file():
+        return [path]
+    raise FileNotFoundError(f"case file or folder not found: {path}")
+
+
+def load_case_file(path: str | os.PathLike) -> list[Case]:
+    """Import a case file and return its ``CASES``."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(
+        f"kfac_oracle_cases_{path.stem}", path
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cases = getattr(module, "CASES", None)
+    if not isinstance(cases, list) or not all(isinstance(c, Case) for c in cases):
+        raise ValueError(
+            f"{path} must define CASES, a list of kfac_oracle Case objects"
+        )
+    return cases
+
+
+def load_cases(
+    pattern: str | None = None, extra_files: list[str] | None = None
+) -> list[Case]:
+    """All built-in and user cases, optionally filtered by an fnmatch ``pattern``.
+
+    Args:
+        pattern: Shell-style pattern on case ids or families (comma-separated
+            alternatives), e.g. ``"deep_linear*,conv*"``.
+        extra_files: More case files or folders (besides ``KFAC_ORACLE_CASES``).
+
+    Raises:
+        ValueError: If two cases share an id.
+    """
+    sources = [builtin_case_dir()]
+    env = os.environ.get("KFAC_ORACLE_CASES")
+    if env:
+        sources += [Path(p) for p in env.split(os.pathsep) if p]
+    sources += [Path(p) for p in extra_files or []]
+    cases: list[Case] = []
+    for source in sources:
+        for file in _case_files(source):
+            cases.extend(load_case_file(file))
+    seen = set()
+    for case in cases:
+        if case.id in seen:
+            raise ValueError(f"duplicate case id {case.id!r}")
+        seen.add(case.id)
+    if pattern:
+        pats = [p.strip() for p in pattern.split(",") if p.strip()]
+        cases = [
+            c
+            for c in cases
+            if any(
+                fnmatch.fnmatch(c.id, p) or fnmatch.fnmatch(c.family, p) for p in pats
+            )
+        ]
+    return cases
+
+
+def get_case(case_id: str) -> Case:
+    """The case with id ``case_id``."""
+    for case in load_cases():
+        if case.id == case_id:
+            return case
+    raise KeyError(f"no case with id {case_id!r}")
+
+
+# Helpers for case files ------------------------------------------------------------
+
+
+def exact(equivalence: str, fisher_type="type-2", kfac_approx="expand") -> Claim:
+    """A positive ``kfac`` claim."""
+    return Claim(equivalence, "kfac", fisher_type, kfac_approx, True)
+
+
+def inexact(
+    equivalence: str = "N", fisher_type="type-2", kfac_approx="expand"
+) -> Claim:
+    """A negative ``kfac`` claim: KFAC provably differs from the exact block."""
+    return Claim(equivalence, "kfac", fisher_type, kfac_approx, False)
+
+
+def one_datum_claims() -> list[Claim]:
+    """E1: type-2, empirical and MC KFAC equal their exact blocks."""
+    return [exact("E1", ft) for ft in ("type-2", "empirical", "mc")]
+
+
+def hessian_equals_ggn() -> Claim:
+    """E8: the layer's Hessian block equals its GGN block."""
+    return Claim("E8", "hessian")
+
+
+def mc_converges(kfac_approx: str = "expand") -> Claim:
+    """E6: MC-KFAC converges to type-2 KFAC."""
+    return Claim("E6", "mc_convergence", "mc", kfac_approx)

@@ -1,0 +1,135 @@
+"""The public contract between the harness and a KFAC implementation under test.
+
+A candidate is any object with a ``name``, a ``capabilities`` mapping and a
+``compute(request) -> dict[str, result]`` method. ``result`` is one of three forms:
+
+- :class:`KroneckerFactors`: the factors ``A`` (input covariance) and ``G``
+  (gradient covariance) whose product ``G ⊗ A`` is the module's curvature block in
+  rvec layout (row-major flattening of the weight, PyTorch's ``flatten``).
+- :class:`DenseBlock`: the module's block as a dense matrix over ``[weight, bias]``.
+- :class:`MatVecBlock`: a matrix-vector product over ``[weight, bias]``.
+
+Conventions (see ``KFAC_NOTES.md`` §3):
+
+- Linear ``z = W a + b`` with ``W ∈ R^{out×in}``: rvec(g aᵀ) = g ⊗ a, so the block is
+  ``G ⊗ A`` in rvec and ``A ⊗ G`` in cvec (column stacking).
+- Conv2d weights ``(C_out, C_in, kh, kw)`` are viewed as ``(C_out, C_in·kh·kw)``.
+- ``bias="joint"``: ``A`` acts on ``ã = [a; 1]`` (bias as the last column of
+  ``[W | b]``).
+  ``bias="separate"``: the bias block is ``bias_covariance`` (default ``G``) and the
+  weight-bias cross terms are zero. ``bias="none"``: the module has no bias, or the
+  candidate does not cover it.
+- Only the product ``G ⊗ A`` is canonical: a positive scalar may move between the
+  factors. With ``bias="separate"`` the bias block fixes that scalar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
+KFAC_APPROXES = ("expand", "reduce")
+BIAS_MODES = ("joint", "separate", "none")
+LAYOUTS = ("rvec", "cvec")
+SUPPORTED_LOSSES = ("MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss")
+SUPPORTED_LAYERS = ("Linear", "Conv2d")
+
+
+@dataclass
+class KFACRequest:
+    """What the harness asks a candidate to compute.
+
+    Attributes:
+        model: The network. Candidates must not modify its parameters.
+        loss_func: A ``torch.nn`` loss module (``MSELoss``, ``CrossEntropyLoss`` or
+            ``BCEWithLogitsLoss``) with reduction ``"mean"`` or ``"sum"``. The loss
+            is ``L = R Σ_n ℓ_n`` over the *whole* data set (notes §1).
+        data: The data set as a list of ``(X, y)`` batches, possibly of unequal sizes.
+        fisher_type: ``"type-2"``, ``"mc"``, ``"empirical"`` or ``"forward-only"``.
+        kfac_approx: ``"expand"`` or ``"reduce"`` (matters only with weight sharing).
+        mc_samples: Number of Monte-Carlo label samples per datum
+            (``fisher_type="mc"``).
+        seed: Seed for any randomness (MC sampling).
+        layers: Names (from ``model.named_modules()``) of the modules whose factors are
+            wanted.
+    """
+
+    model: nn.Module
+    loss_func: nn.Module
+    data: list[tuple[Tensor, Tensor]]
+    fisher_type: str = "type-2"
+    kfac_approx: str = "expand"
+    mc_samples: int = 1
+    seed: int = 0
+    layers: tuple[str, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_data(self) -> int:
+        """Total number of data points N over all batches."""
+        return sum(len(X) for X, _ in self.data)
+
+    @property
+    def loss_name(self) -> str:
+        """Class name of the loss module, e.g. ``"CrossEntropyLoss"``."""
+        return type(self.loss_func).__name__
+
+    @property
+    def reduction(self) -> str:
+        """The loss's reduction, ``"mean"`` or ``"sum"``."""
+        return self.loss_func.reduction
+
+
+@dataclass
+class KroneckerFactors:
+    """Kronecker factors of one module's block, ``G ⊗ A`` in rvec layout.
+
+    Attributes:
+        input_covariance: ``A``, shape ``(D_in, D_in)``, or ``(D_in + 1, D_in + 1)``
+            with ``bias="joint"``.
+        gradient_covariance: ``G``, shape ``(D_out, D_out)``.
+        bias: ``"joint"``, ``"separate"`` or ``"none"``.
+        bias_covariance: With ``bias="separate"``, the bias block; ``None`` means ``G``.
+    """
+
+    input_covariance: Tensor
+    gradient_covariance: Tensor
+    bias: str = "joint"
+    bias_covariance: Tensor | None = None
+
+
+@dataclass
+class DenseBlock:
+    """A module's curvature block as a dense matrix over ``[weight, bias]``.
+
+    Attributes:
+        matrix: Square matrix of size ``numel(weight) + numel(bias)``.
+        layout: ``"rvec"`` (row-major weight flattening) or ``"cvec"``
+            (column-major flattening of the 2-D weight view).
+    """
+
+    matrix: Tensor
+    layout: str = "rvec"
+
+
+@dataclass
+class MatVecBlock:
+    """A module's curvature block as a matrix-vector product over ``[weight, bias]``.
+
+    Attributes:
+        matvec: Callable mapping a vector (torch tensor or numpy array) of size ``P`` to
+            a vector of size ``P``, or a ``scipy.sparse.linalg.LinearOperator``.
+        size: ``P``, the number of entries of ``[weight, bias]``.
+        layout: ``"rvec"`` or ``"cvec"``, as for :class:`DenseBlock`.
+    """
+
+    matvec: Callable[[Any], Any] | Any
+    size: int
+    layout: str = "rvec"
+
+
+Result = KroneckerFactors | DenseBlock | MatVecBlock

@@ -1,0 +1,287 @@
+"""Exact curvature matrices by autodiff: dense, per layer, and matrix-free.
+
+With ``L(θ) = R Σ_n ℓ_n`` over the whole data set (notes §1), ``J_n = ∂f(x_n)/∂θ``
+(flattened output × P) and ``H_n = ∇²_f ℓ_n`` (computed by autodiff of the loss):
+
+- Hessian: ``∇²_θ L``;
+- GGN (= type-2 Fisher for MSE, CE and BCE): ``R Σ_n J_nᵀ H_n J_n``;
+- MC Fisher: ``R Σ_n (1/M) Σ_m J_nᵀ ∇_f ℓ(f_n, ỹ_nm) ∇_f ℓ(f_n, ỹ_nm)ᵀ J_n`` with
+  ``ỹ_nm`` drawn by :func:`mc_labels` (seeded);
+- empirical Fisher: ``R Σ_n ∇_θ ℓ_n ∇_θ ℓ_nᵀ`` with the true labels (curvlinops'
+  scaling; the ``½‖f − y‖²`` convention halves the MSE case).
+
+All matrices are over the chosen parameters, flattened rvec in
+``named_parameters()`` order. Per-datum quantities are vectorised with
+``torch.func.vmap``; the model must treat data independently (no batch norm).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import grad, jacrev, jvp, vjp, vmap
+
+from kfac_oracle.losses import output_hessian, per_datum_loss, sample_labels
+from kfac_oracle.problem import Problem
+from kfac_oracle.reference.functional import ParameterSubset
+
+CURVATURES = ("ggn", "type-2", "hessian", "empirical", "mc")
+
+
+def mc_labels(problem: Problem, mc_samples: int, seed: int) -> list[Tensor]:
+    """The MC labels ``ỹ`` for every batch, shape ``(M, *y.shape)`` each.
+
+    One ``torch.Generator`` seeded with ``seed`` is consumed batch by batch, in order,
+    so the exact MC Fisher and the reference MC-KFAC see the same samples.
+    """
+    generator = torch.Generator(device=problem.device).manual_seed(seed)
+    labels = []
+    with torch.no_grad():
+        for X, _ in problem.data:
+            output = problem.model(X)
+            labels.append(
+                sample_labels(problem.loss_name, output, mc_samples, generator)
+            )
+    return labels
+
+
+def _per_datum_jacobian(subset: ParameterSubset, params, X: Tensor) -> Tensor:
+    """``J_n`` for every datum of a batch, ``(B, F, P)``."""
+
+    def f_one(p, x):
+        return subset.forward(p, x.unsqueeze(0)).reshape(-1)
+
+    J = vmap(jacrev(f_one), in_dims=(None, 0))(params, X)
+    return subset.flatten(J)
+
+
+def _output_gradients(loss_name: str, output: Tensor, labels: Tensor) -> Tensor:
+    """``∇_f ℓ(f_n, ỹ)`` by autodiff for labels ``(M, *y.shape)``: ``(M, B, F)``."""
+
+    def loss_one(f, t):
+        return per_datum_loss(loss_name, f.unsqueeze(0), t.unsqueeze(0)).sum()
+
+    g = vmap(vmap(grad(loss_one)), in_dims=(None, 0))(output.detach(), labels)
+    return g.reshape(labels.shape[0], output.shape[0], -1)
+
+
+def _sym_outer(U: Tensor) -> Tensor:
+    """``Uᵀ U`` for ``U`` of shape ``(K, P)``."""
+    return U.T @ U
+
+
+def curvature_matrix(
+    problem: Problem,
+    kind: str = "ggn",
+    params: Sequence[str] | None = None,
+    mc_samples: int = 1,
+    seed: int = 0,
+) -> Tensor:
+    """The dense curvature matrix ``kind`` over the parameters ``params``.
+
+    Args:
+        problem: Model, loss and data.
+        kind: ``"ggn"`` (same as ``"type-2"``), ``"hessian"``, ``"empirical"`` or
+            ``"mc"``.
+        params: Parameter names (default: all trainable ones).
+        mc_samples: M, label samples per datum (``kind="mc"``).
+        seed: Seed of the MC labels (``kind="mc"``).
+
+    Returns:
+        A ``(P, P)`` matrix in the parameters' dtype and device.
+    """
+    if kind not in CURVATURES:
+        raise ValueError(f"unknown curvature {kind!r}; choose from {CURVATURES}")
+    subset = ParameterSubset(problem.model, params)
+    theta = subset.values()
+    R = problem.reduction_factor
+    loss_name = problem.loss_name
+    P = subset.size
+    result = torch.zeros(P, P, dtype=problem.dtype, device=problem.device)
+    labels = mc_labels(problem, mc_samples, seed) if kind == "mc" else None
+
+    if kind == "hessian":
+        flat = subset.flatten(theta)
+        for X, y in problem.data:
+
+            def batch_loss(v, X=X, y=y):
+                f = subset.forward(subset.unflatten(v), X)
+                return per_datum_loss(loss_name, f, y).sum()
+
+            result += torch.func.hessian(batch_loss)(flat)
+        return result * R
+
+    for b, (X, y) in enumerate(problem.data):
+        with torch.no_grad():
+            output = subset.forward(theta, X)
+        if kind == "empirical":
+
+            def loss_one(p, x, t):
+                f = subset.forward(p, x.unsqueeze(0))
+                return per_datum_loss(loss_name, f, t.unsqueeze(0)).sum()
+
+            g = subset.flatten(vmap(grad(loss_one), in_dims=(None, 0, 0))(theta, X, y))
+            result += _sym_outer(g)
+            continue
+        J = _per_datum_jacobian(subset, theta, X)  # (B, F, P)
+        if kind in ("ggn", "type-2"):
+            H = output_hessian(loss_name, output, y)  # (B, F, F)
+            result += torch.einsum("nfp,nfg,ngq->pq", J, H, J)
+        else:  # mc
+            g = _output_gradients(loss_name, output, labels[b])  # (M, B, F)
+            U = torch.einsum("mnf,nfp->mnp", g, J).reshape(-1, P)
+            result += _sym_outer(U) / mc_samples
+    return result * R
+
+
+def module_parameter_names(model: torch.nn.Module, module_name: str) -> list[str]:
+    """Names of a module's own parameters, weight before bias (canonical order)."""
+    module = model.get_submodule(module_name)
+    prefix = f"{module_name}." if module_name else ""
+    return [prefix + n for n, _ in module.named_parameters(recurse=False)]
+
+
+def curvature_block(
+    problem: Problem,
+    module_name: str,
+    kind: str = "ggn",
+    mc_samples: int = 1,
+    seed: int = 0,
+) -> Tensor:
+    """The exact diagonal block of ``kind`` for one module, over ``[rvec(W), b]``."""
+    names = module_parameter_names(problem.model, module_name)
+    return curvature_matrix(problem, kind, names, mc_samples=mc_samples, seed=seed)
+
+
+def ggn(problem: Problem, params: Sequence[str] | None = None) -> Tensor:
+    """The dense GGN ``R Σ_n J_nᵀ H_n J_n``."""
+    return curvature_matrix(problem, "ggn", params)
+
+
+def hessian(problem: Problem, params: Sequence[str] | None = None) -> Tensor:
+    """The dense Hessian ``∇²_θ L``."""
+    return curvature_matrix(problem, "hessian", params)
+
+
+def empirical_fisher(problem: Problem, params: Sequence[str] | None = None) -> Tensor:
+    """The dense empirical Fisher ``R Σ_n ∇_θ ℓ_n ∇_θ ℓ_nᵀ``."""
+    return curvature_matrix(problem, "empirical", params)
+
+
+def mc_fisher(
+    problem: Problem,
+    mc_samples: int,
+    seed: int,
+    params: Sequence[str] | None = None,
+) -> Tensor:
+    """The dense MC Fisher with ``mc_samples`` labels per datum drawn with ``seed``."""
+    return curvature_matrix(problem, "mc", params, mc_samples=mc_samples, seed=seed)
+
+
+class CurvatureOperator:
+    """Matrix-free products with an exact curvature matrix; never builds it.
+
+    Each product makes one pass over the data with forward- and reverse-mode autodiff:
+
+    - GGN: ``R Σ_n J_nᵀ (H_n (J_n v))`` via ``jvp`` → loss ``hvp`` → ``vjp``;
+    - Hessian: ``∇_θ (∇_θ L · v)`` via forward-over-reverse;
+    - empirical / MC Fisher: the per-datum (per-sample) losses' directional
+      derivatives ``d = ∇ℓ · v`` by one ``jvp``, then ``vjp`` with weights ``R d``
+      (``R d / M`` for MC).
+
+    Args:
+        problem: Model, loss and data.
+        kind: One of :data:`CURVATURES`.
+        params: Parameter names (default: all trainable ones).
+        mc_samples: M for ``kind="mc"``.
+        seed: Seed of the MC labels.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        kind: str = "ggn",
+        params: Sequence[str] | None = None,
+        mc_samples: int = 1,
+        seed: int = 0,
+    ):
+        if kind not in CURVATURES:
+            raise ValueError(f"unknown curvature {kind!r}; choose from {CURVATURES}")
+        self.problem = problem
+        self.kind = kind
+        self.subset = ParameterSubset(problem.model, params)
+        self.mc_samples = mc_samples
+        self._labels = mc_labels(problem, mc_samples, seed) if kind == "mc" else None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(P, P)``."""
+        return (self.subset.size, self.subset.size)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """The product with a flat vector ``v`` of size ``P``."""
+        subset, problem = self.subset, self.problem
+        theta = subset.values()
+        tangent = subset.unflatten(v.to(problem.dtype))
+        loss_name = problem.loss_name
+        R = problem.reduction_factor
+        out = torch.zeros_like(v, dtype=problem.dtype)
+        for b, (X, y) in enumerate(problem.data):
+
+            def forward(p, X=X):
+                return subset.forward(p, X)
+
+            if self.kind == "hessian":
+
+                def batch_loss(p, X=X, y=y):
+                    return per_datum_loss(loss_name, subset.forward(p, X), y).sum()
+
+                _, hv = jvp(grad(batch_loss), (theta,), (tangent,))
+                out += subset.flatten(hv)
+            elif self.kind in ("ggn", "type-2"):
+                f, Jv = jvp(forward, (theta,), (tangent,))
+
+                def loss_of_f(f, y=y):
+                    return per_datum_loss(loss_name, f, y).sum()
+
+                _, HJv = jvp(grad(loss_of_f), (f.detach(),), (Jv,))
+                _, pullback = vjp(forward, theta)
+                out += subset.flatten(pullback(HJv)[0])
+            else:
+                if self.kind == "empirical":
+                    targets, weight = y.unsqueeze(0), 1.0
+                else:
+                    targets, weight = self._labels[b], 1.0 / self.mc_samples
+
+                def losses(p, X=X, targets=targets):
+                    f = subset.forward(p, X)
+                    f = f.unsqueeze(0).expand(targets.shape[0], *f.shape)
+                    flat_f = f.reshape(-1, *f.shape[2:])
+                    flat_t = targets.reshape(-1, *targets.shape[2:])
+                    return per_datum_loss(loss_name, flat_f, flat_t)
+
+                _, d = jvp(losses, (theta,), (tangent,))
+                _, pullback = vjp(losses, theta)
+                out += subset.flatten(pullback(d * weight)[0])
+        return out * R
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """The product with the columns of ``V`` (``(P, K)``)."""
+        return torch.stack([self.matvec(v) for v in V.T], dim=1)
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(x):
+            v = torch.as_tensor(
+                np.asarray(x).reshape(-1),
+                dtype=self.problem.dtype,
+                device=self.problem.device,
+            )
+            return self.matvec(v).detach().cpu().numpy()
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, dtype=np.float64)

@@ -1,0 +1,329 @@
+r"""A from-scratch reference KFAC for Linear and Conv2d layers (notes §4).
+
+Math (rvec layout, ``G ⊗ A``; notes §3-§4). For a layer ``z = W ã`` with (augmented)
+input ``ã`` and output ``z``, backpropagate vectors ``v`` from the model output and read
+``g = ∂(vᵀ f)/∂z``:
+
+- ``type-2``: ``v`` runs over the columns of ``√R · S_n`` with ``S_n S_nᵀ = H_n``
+  (:func:`kfac_oracle.losses.output_hessian_sqrt`);
+- ``mc``: ``v = √(R/M) · ∇_f ℓ(f_n, ỹ_nm)`` for ``M`` labels drawn from the model's
+  predictive distribution (:func:`kfac_oracle.reference.exact.mc_labels`, seeded);
+- ``empirical``: ``v = √R · ∇_f ℓ(f_n, y_n)`` (true labels);
+- ``forward-only`` (FOOF): ``G = I``, no backward pass.
+
+With weight sharing the layer sees ``S`` positions per datum (sequence positions; the
+unfold patches of a Conv2d):
+
+- expand: ``A = (1/(N·S)) Σ_{n,s} ã_{n,s} ã_{n,s}ᵀ``, ``G = Σ_{n,s,v} g g ᵀ``;
+- reduce: ``ā_n = mean_s ã_{n,s}``, ``ḡ_{n,v} = Σ_s g_{n,s,v}``,
+  ``A = (1/N) Σ_n ā_n ā_nᵀ``, ``G = Σ_{n,v} ḡ ḡᵀ``.
+
+Without weight sharing (``S = 1``) both are ``A = (1/N) Σ_n ã ãᵀ``, ``G = Σ g gᵀ``.
+The sums run over the whole data set (all batches), so unequal batch sizes are weighted
+correctly. Bias: ``joint`` uses ``ã = [a; 1]``; ``separate`` uses ``a`` for the weight
+and the bias block ``G``; ``none`` ignores the bias.
+
+The layer output's gradient is read by adding a zero tensor ``ε`` to the output in a
+forward hook and differentiating with respect to ``ε``: this survives in-place
+activations downstream, which modify the sum rather than the layer's own output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from kfac_oracle.contract import (
+    BIAS_MODES,
+    FISHER_TYPES,
+    KFAC_APPROXES,
+    KroneckerFactors,
+)
+from kfac_oracle.losses import output_gradient, output_hessian_sqrt
+from kfac_oracle.problem import Problem
+from kfac_oracle.reference.exact import mc_labels
+
+SUPPORTED_MODULES = (nn.Linear, nn.Conv2d)
+
+
+class UnsupportedLayerError(ValueError):
+    """Raised for a layer the reference KFAC does not define."""
+
+
+def supported_layers(model: nn.Module) -> list[str]:
+    """Names of the Linear and Conv2d modules with a trainable weight."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, SUPPORTED_MODULES) and m.weight.requires_grad
+    ]
+
+
+def check_layer(name: str, module: nn.Module) -> None:
+    """Raise :class:`UnsupportedLayerError` unless the reference defines KFAC for it.
+
+    Conv2d with ``groups > 1`` is rejected: each group would need its own factors and
+    the block is not a single Kronecker product. Padding modes other than zeros are
+    rejected too.
+    """
+    if not isinstance(module, SUPPORTED_MODULES):
+        raise UnsupportedLayerError(
+            f"layer {name!r} of type {type(module).__name__} is not supported; "
+            "supported: Linear, Conv2d"
+        )
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise UnsupportedLayerError(
+                f"Conv2d {name!r} has groups={module.groups}: grouped convolutions "
+                "have one Kronecker product per group and are not supported"
+            )
+        if module.padding_mode != "zeros":
+            raise UnsupportedLayerError(
+                f"Conv2d {name!r} has padding_mode={module.padding_mode!r}; "
+                "only 'zeros' is supported"
+            )
+
+
+def layer_inputs(module: nn.Module, a: Tensor, bias_column: bool) -> Tensor:
+    """The layer's inputs per datum and position, ``(B, S, D_in[+1])``.
+
+    Linear: ``a`` of shape ``(B, *S, D_in)`` flattened to ``(B, S, D_in)``. Conv2d: the
+    unfold patches (padding, stride and dilation respected) ``(B, L, C_in·kh·kw)``,
+    whose column order matches ``rvec`` of the ``(C_out, C_in, kh, kw)`` kernel.
+    With ``bias_column`` a trailing 1 is appended (``ã = [a; 1]``).
+    """
+    if isinstance(module, nn.Conv2d):
+        a = F.pad(a, module._reversed_padding_repeated_twice)
+        patches = F.unfold(
+            a, module.kernel_size, dilation=module.dilation, stride=module.stride
+        )
+        x = patches.transpose(1, 2)
+    else:
+        x = a.reshape(a.shape[0], -1, a.shape[-1])
+    if bias_column:
+        x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+    return x
+
+
+def layer_output_gradients(module: nn.Module, g: Tensor) -> Tensor:
+    """Output gradients ``(K, B, *z.shape[1:])`` as ``(K, B, S, D_out)``."""
+    if isinstance(module, nn.Conv2d):
+        K, B, C = g.shape[:3]
+        return g.reshape(K, B, C, -1).transpose(2, 3)
+    return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+
+
+@dataclass
+class LayerStatistics:
+    """Per-batch inputs and output gradients of one layer.
+
+    Attributes:
+        inputs: ``(B, S, D_in[+1])``.
+        gradients: ``(K, B, S, D_out)``, ``None`` for forward-only.
+    """
+
+    inputs: Tensor
+    gradients: Tensor | None
+
+
+def backpropagated_vectors(
+    problem: Problem,
+    fisher_type: str,
+    output: Tensor,
+    y: Tensor,
+    labels: Tensor | None,
+    mc_samples: int,
+) -> Tensor:
+    """The vectors ``v`` of the flavour, ``(K, *output.shape)``, scaled by ``√R``."""
+    R = problem.reduction_factor
+    loss_name = problem.loss_name
+    f = output.detach()
+    if fisher_type == "type-2":
+        return output_hessian_sqrt(loss_name, f) * R**0.5
+    if fisher_type == "empirical":
+        return output_gradient(loss_name, f, y).unsqueeze(0) * R**0.5
+    if fisher_type == "mc":
+        grads = [output_gradient(loss_name, f, lab) for lab in labels]
+        return torch.stack(grads) * (R / mc_samples) ** 0.5
+    raise ValueError(f"fisher_type {fisher_type!r} has no backpropagated vectors")
+
+
+def layer_statistics(
+    problem: Problem,
+    layers: Sequence[str],
+    fisher_type: str,
+    bias_columns: dict[str, bool],
+    mc_samples: int = 1,
+    seed: int = 0,
+):
+    """Yield, batch by batch, ``{layer: LayerStatistics}``.
+
+    Raises:
+        UnsupportedLayerError: If a layer is unsupported or called more than once per
+            forward pass (weight tying would need the sum over calls).
+    """
+    model = problem.model
+    modules = {name: model.get_submodule(name) for name in layers}
+    for name, module in modules.items():
+        check_layer(name, module)
+    labels = mc_labels(problem, mc_samples, seed) if fisher_type == "mc" else None
+
+    for b, (X, y) in enumerate(problem.data):
+        inputs: dict[str, Tensor] = {}
+        perturbations: dict[str, Tensor] = {}
+
+        def hook(module, args, output, name, inputs=inputs, perts=perturbations):
+            if name in inputs:
+                raise UnsupportedLayerError(
+                    f"layer {name!r} is called more than once in one forward pass "
+                    "(weight tying or reuse); KFAC for shared modules is not supported"
+                )
+            inputs[name] = args[0].detach()
+            eps = torch.zeros_like(output, requires_grad=True)
+            perts[name] = eps
+            return output + eps
+
+        handles = [
+            m.register_forward_hook(
+                lambda mod, args, out, name=name: hook(mod, args, out, name)
+            )
+            for name, m in modules.items()
+        ]
+        try:
+            with torch.enable_grad():
+                output = model(X)
+        finally:
+            for h in handles:
+                h.remove()
+
+        grads: dict[str, Tensor | None] = dict.fromkeys(layers)
+        if fisher_type != "forward-only":
+            V = backpropagated_vectors(
+                problem,
+                fisher_type,
+                output,
+                y,
+                None if labels is None else labels[b],
+                mc_samples,
+            )
+            eps_list = [perturbations[n] for n in layers]
+            results = _batched_grad(output, eps_list, V)
+            grads = dict(zip(layers, results, strict=True))
+
+        yield {
+            name: LayerStatistics(
+                inputs=layer_inputs(modules[name], inputs[name], bias_columns[name]),
+                gradients=None
+                if grads[name] is None
+                else layer_output_gradients(modules[name], grads[name]),
+            )
+            for name in layers
+        }
+
+
+def _batched_grad(output: Tensor, eps_list: list[Tensor], V: Tensor) -> list[Tensor]:
+    """``∂(v_kᵀ f)/∂ε`` for every vector ``v_k``: one batched backward pass.
+
+    Falls back to one backward pass per vector when an operation does not support
+    batched gradients.
+    """
+    try:
+        return list(
+            torch.autograd.grad(
+                output, eps_list, V, is_grads_batched=True, retain_graph=True
+            )
+        )
+    except RuntimeError:
+        per_vector = [
+            torch.autograd.grad(output, eps_list, v, retain_graph=True) for v in V
+        ]
+        return [torch.stack(gs) for gs in zip(*per_vector, strict=True)]
+
+
+def kfac(
+    problem: Problem,
+    fisher_type: str = "type-2",
+    kfac_approx: str = "expand",
+    bias: str = "joint",
+    mc_samples: int = 1,
+    seed: int = 0,
+    layers: Sequence[str] | None = None,
+) -> dict[str, KroneckerFactors]:
+    """Reference KFAC factors per layer (module docstring has the formulas).
+
+    Args:
+        problem: Model, loss and data.
+        fisher_type: ``"type-2"``, ``"mc"``, ``"empirical"`` or ``"forward-only"``.
+        kfac_approx: ``"expand"`` or ``"reduce"``.
+        bias: ``"joint"``, ``"separate"`` or ``"none"`` (layers without bias get
+            ``"none"``).
+        mc_samples: M for ``fisher_type="mc"``.
+        seed: Seed of the MC labels.
+        layers: Module names (default: every Linear and Conv2d).
+
+    Returns:
+        ``{layer: KroneckerFactors}`` with ``A`` normalised by ``N`` (expand: ``N·S``)
+        and ``G`` carrying ``R``; the product ``G ⊗ A`` is the canonical block.
+    """
+    _check_flavour(fisher_type, kfac_approx, bias, mc_samples)
+    layers = list(supported_layers(problem.model) if layers is None else layers)
+    modes = {}
+    for name in layers:
+        has_bias = getattr(problem.model.get_submodule(name), "bias", None) is not None
+        modes[name] = bias if has_bias else "none"
+    bias_columns = {name: modes[name] == "joint" for name in layers}
+
+    A_sums: dict[str, Tensor] = {}
+    G_sums: dict[str, Tensor] = {}
+    positions: dict[str, int] = {}
+    for stats in layer_statistics(
+        problem, layers, fisher_type, bias_columns, mc_samples, seed
+    ):
+        for name, st in stats.items():
+            x = st.inputs
+            positions[name] = x.shape[1]
+            if kfac_approx == "reduce":
+                x = x.mean(1, keepdim=True)
+            x = x.reshape(-1, x.shape[-1])
+            _accumulate(A_sums, name, x.T @ x)
+            if st.gradients is None:
+                continue
+            g = st.gradients
+            if kfac_approx == "reduce":
+                g = g.sum(2, keepdim=True)
+            g = g.reshape(-1, g.shape[-1])
+            _accumulate(G_sums, name, g.T @ g)
+
+    N = problem.num_data
+    factors = {}
+    for name in layers:
+        S = positions[name] if kfac_approx == "expand" else 1
+        A = A_sums[name] / (N * S)
+        if fisher_type == "forward-only":
+            d_out = problem.model.get_submodule(name).weight.shape[0]
+            G = torch.eye(d_out, dtype=A.dtype, device=A.device)
+        else:
+            G = G_sums[name]
+        factors[name] = KroneckerFactors(
+            input_covariance=A, gradient_covariance=G, bias=modes[name]
+        )
+    return factors
+
+
+def _accumulate(sums: dict[str, Tensor], name: str, value: Tensor) -> None:
+    sums[name] = value if name not in sums else sums[name] + value
+
+
+def _check_flavour(fisher_type, kfac_approx, bias, mc_samples) -> None:
+    if fisher_type not in FISHER_TYPES:
+        raise ValueError(f"unknown fisher_type {fisher_type!r}; use {FISHER_TYPES}")
+    if kfac_approx not in KFAC_APPROXES:
+        raise ValueError(f"unknown kfac_approx {kfac_approx!r}; use {KFAC_APPROXES}")
+    if bias not in BIAS_MODES:
+        raise ValueError(f"unknown bias mode {bias!r}; use {BIAS_MODES}")
+    if not (isinstance(mc_samples, int) and mc_samples >= 1):
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
