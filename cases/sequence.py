@@ -77,7 +77,11 @@ CASES.append(
         setting="expand",
         claims={
             "0": [inexact("N", "type-2", "expand"), inexact("N", "type-2", "reduce")],
-            "2": [exact("E3", kfac_approx="expand"), inexact("E3", "type-2", "reduce")],
+            "2": [
+                exact("E3", kfac_approx="expand"),
+                inexact("E3", "type-2", "reduce"),
+                mc_converges("expand"),
+            ],
         },
         seed=53,
         description="position-wise MLP, per-position MSE: last layer exact",

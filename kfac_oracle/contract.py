@@ -56,6 +56,10 @@ class KFACRequest:
         seed: Seed for any randomness (MC sampling).
         layers: Names (from ``model.named_modules()``) of the modules whose factors are
             wanted.
+        bias: Preferred bias treatment, ``"joint"`` or ``"separate"``, for candidates
+            that offer both (``capabilities["bias"]``); ``None`` leaves the choice to
+            the candidate. Results always declare what they did.
+        info: Free-form extras (e.g. the case id), for logging only.
     """
 
     model: nn.Module
@@ -66,6 +70,7 @@ class KFACRequest:
     mc_samples: int = 1
     seed: int = 0
     layers: tuple[str, ...] = ()
+    bias: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -213,6 +213,7 @@ class _AsdlKron:
 
 
 _COMMON_CAPS: dict[str, Any] = {
+    "bias": {"separate"},
     "kfac_approx": {"expand"},
     "layers": {"Linear", "Conv2d"},
     "reductions": {"mean", "sum"},

@@ -58,8 +58,8 @@ from torch import Tensor, nn
 from kfac_oracle.contract import KFACRequest, KroneckerFactors
 
 _INSTALL_HINT = (
-    "BackPACK is not installed: pip install backpack-for-pytorch==1.7.1 "
-    "(then `pip uninstall -y torchvision` if the CPU torch cannot import it)"
+    "BackPACK is not installed: pip install -c constraints-cpu.txt torch "
+    "backpack-for-pytorch==1.7.1"
 )
 
 

@@ -271,6 +271,7 @@ class _KronfluenceBase:
 
 
 _CAPS: dict[str, Any] = {
+    "bias": {"joint"},
     "fisher_type": {"mc", "empirical"},
     "kfac_approx": {"expand"},
     "layers": {"Linear", "Conv2d"},

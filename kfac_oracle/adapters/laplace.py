@@ -49,6 +49,7 @@ BackPACK's ``KFAC()`` default, global RNG seeded here).
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -179,7 +180,9 @@ class _LaplaceKronBase:
             start += len(Xb)
         loader = DataLoader(TensorDataset(X, y), batch_sampler=batches)
 
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # BackPACK's hooks: torch warns because the data do not require gradients.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
             torch.manual_seed(request.seed)
             lap.fit(loader)
 
@@ -201,11 +204,18 @@ class _LaplaceKronBase:
         kfacs = lap.H_facs.kfacs
         index = {id(p): i for i, p in enumerate(lap.params)}
         wanted = set(request.layers)
+        supported = {
+            name
+            for name, mod in model.named_modules()
+            if isinstance(mod, (nn.Linear, nn.Conv2d))
+            and all(id(p) in index for p in mod.parameters(recurse=False))
+        }
+        if wanted - supported:
+            unknown = sorted(wanted - supported)
+            raise NotImplementedError(f"{self.name}: unsupported modules {unknown}")
         result: dict[str, KroneckerFactors] = {}
         for name, mod in model.named_modules():
-            if not isinstance(mod, (nn.Linear, nn.Conv2d)):
-                continue
-            if wanted and name not in wanted:
+            if name not in supported or (wanted and name not in wanted):
                 continue
             w_facs = kfacs[index[id(mod.weight)]]
             if len(w_facs) != 2:

@@ -238,6 +238,7 @@ class _NngeometryBase:
 
 
 _CAPS: dict[str, Any] = {
+    "bias": {"joint"},
     "fisher_type": {"type-2", "mc"},
     "kfac_approx": {"expand"},
     "layers": {"Linear", "Conv2d"},

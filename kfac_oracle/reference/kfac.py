@@ -130,99 +130,191 @@ class LayerStatistics:
     gradients: Tensor | None
 
 
-def backpropagated_vectors(
-    problem: Problem,
-    fisher_type: str,
-    output: Tensor,
-    y: Tensor,
-    labels: Tensor | None,
-    mc_samples: int,
-) -> Tensor:
-    """The vectors ``v`` of the flavour, ``(K, *output.shape)``, scaled by ``√R``."""
-    R = problem.reduction_factor
-    loss_name = problem.loss_name
-    f = output.detach()
-    if fisher_type == "type-2":
-        return output_hessian_sqrt(loss_name, f) * R**0.5
-    if fisher_type == "empirical":
-        return output_gradient(loss_name, f, y).unsqueeze(0) * R**0.5
-    if fisher_type == "mc":
-        grads = [output_gradient(loss_name, f, lab) for lab in labels]
-        return torch.stack(grads) * (R / mc_samples) ** 0.5
-    raise ValueError(f"fisher_type {fisher_type!r} has no backpropagated vectors")
+class KFACSteps:
+    """The steps of the reference KFAC, one overridable method each.
 
-
-def layer_statistics(
-    problem: Problem,
-    layers: Sequence[str],
-    fisher_type: str,
-    bias_columns: dict[str, bool],
-    mc_samples: int = 1,
-    seed: int = 0,
-):
-    """Yield, batch by batch, ``{layer: LayerStatistics}``.
-
-    Raises:
-        UnsupportedLayerError: If a layer is unsupported or called more than once per
-            forward pass (weight tying would need the sum over calls).
+    The reference uses this class as is; the mutation meta-tests subclass it and break
+    one step (a pitfall of notes §7) at a time.
     """
-    model = problem.model
-    modules = {name: model.get_submodule(name) for name in layers}
-    for name, module in modules.items():
-        check_layer(name, module)
-    labels = mc_labels(problem, mc_samples, seed) if fisher_type == "mc" else None
 
-    for b, (X, y) in enumerate(problem.data):
-        inputs: dict[str, Tensor] = {}
-        perturbations: dict[str, Tensor] = {}
+    def reduction_factor(self, problem: Problem) -> float:
+        """``R`` of notes §1."""
+        return problem.reduction_factor
 
-        def hook(module, args, output, name, inputs=inputs, perts=perturbations):
-            if name in inputs:
-                raise UnsupportedLayerError(
-                    f"layer {name!r} is called more than once in one forward pass "
-                    "(weight tying or reuse); KFAC for shared modules is not supported"
+    def labels(self, problem: Problem, mc_samples: int, seed: int) -> list[Tensor]:
+        """MC labels per batch (:func:`kfac_oracle.reference.exact.mc_labels`)."""
+        return mc_labels(problem, mc_samples, seed)
+
+    def hessian_sqrt(self, loss_name: str, output: Tensor) -> Tensor:
+        """Columns of ``S_n`` with ``S_n S_nᵀ = H_n``."""
+        return output_hessian_sqrt(loss_name, output)
+
+    def output_gradient(self, loss_name: str, output: Tensor, y: Tensor) -> Tensor:
+        """``∇_f ℓ(f_n, y)``."""
+        return output_gradient(loss_name, output, y)
+
+    def backpropagated_vectors(
+        self,
+        problem: Problem,
+        fisher_type: str,
+        output: Tensor,
+        y: Tensor,
+        labels: Tensor | None,
+        mc_samples: int,
+    ) -> Tensor:
+        """The vectors ``v``, shape ``(K, *output.shape)``, scaled by ``√R``."""
+        R = self.reduction_factor(problem)
+        loss_name = problem.loss_name
+        f = output.detach()
+        if fisher_type == "type-2":
+            return self.hessian_sqrt(loss_name, f) * R**0.5
+        if fisher_type == "empirical":
+            return self.output_gradient(loss_name, f, y).unsqueeze(0) * R**0.5
+        if fisher_type == "mc":
+            grads = [self.output_gradient(loss_name, f, lab) for lab in labels]
+            return torch.stack(grads) * (R / mc_samples) ** 0.5
+        raise ValueError(f"fisher_type {fisher_type!r} has no backpropagated vectors")
+
+    def layer_inputs(self, module: nn.Module, a: Tensor, bias_column: bool) -> Tensor:
+        """See :func:`layer_inputs`."""
+        return layer_inputs(module, a, bias_column)
+
+    def statistics(
+        self,
+        problem: Problem,
+        layers: Sequence[str],
+        fisher_type: str,
+        bias_columns: dict[str, bool],
+        mc_samples: int = 1,
+        seed: int = 0,
+    ):
+        """Yield, batch by batch, ``{layer: LayerStatistics}``.
+
+        Raises:
+            UnsupportedLayerError: If a layer is unsupported or called more than once
+                per forward pass (weight tying would need the sum over calls).
+        """
+        model = problem.model
+        modules = {name: model.get_submodule(name) for name in layers}
+        for name, module in modules.items():
+            check_layer(name, module)
+        labels = self.labels(problem, mc_samples, seed) if fisher_type == "mc" else None
+
+        for b, (X, y) in enumerate(problem.data):
+            inputs: dict[str, Tensor] = {}
+            perturbations: dict[str, Tensor] = {}
+
+            def hook(module, args, output, name, inputs=inputs, perts=perturbations):
+                if name in inputs:
+                    raise UnsupportedLayerError(
+                        f"layer {name!r} is called more than once in one forward "
+                        "pass (weight tying or reuse); KFAC for shared modules is "
+                        "not supported"
+                    )
+                inputs[name] = args[0].detach()
+                eps = torch.zeros_like(output, requires_grad=True)
+                perts[name] = eps
+                return output + eps
+
+            handles = [
+                m.register_forward_hook(
+                    lambda mod, args, out, name=name: hook(mod, args, out, name)
                 )
-            inputs[name] = args[0].detach()
-            eps = torch.zeros_like(output, requires_grad=True)
-            perts[name] = eps
-            return output + eps
+                for name, m in modules.items()
+            ]
+            try:
+                with torch.enable_grad():
+                    output = model(X)
+            finally:
+                for h in handles:
+                    h.remove()
 
-        handles = [
-            m.register_forward_hook(
-                lambda mod, args, out, name=name: hook(mod, args, out, name)
-            )
-            for name, m in modules.items()
-        ]
-        try:
-            with torch.enable_grad():
-                output = model(X)
-        finally:
-            for h in handles:
-                h.remove()
+            grads: dict[str, Tensor | None] = dict.fromkeys(layers)
+            if fisher_type != "forward-only":
+                V = self.backpropagated_vectors(
+                    problem,
+                    fisher_type,
+                    output,
+                    y,
+                    None if labels is None else labels[b],
+                    mc_samples,
+                )
+                eps_list = [perturbations[n] for n in layers]
+                grads = dict(zip(layers, _batched_grad(output, eps_list, V)))
 
-        grads: dict[str, Tensor | None] = dict.fromkeys(layers)
-        if fisher_type != "forward-only":
-            V = backpropagated_vectors(
-                problem,
-                fisher_type,
-                output,
-                y,
-                None if labels is None else labels[b],
-                mc_samples,
-            )
-            eps_list = [perturbations[n] for n in layers]
-            results = _batched_grad(output, eps_list, V)
-            grads = dict(zip(layers, results, strict=True))
+            yield {
+                name: LayerStatistics(
+                    inputs=self.layer_inputs(
+                        modules[name], inputs[name], bias_columns[name]
+                    ),
+                    gradients=None
+                    if grads[name] is None
+                    else layer_output_gradients(modules[name], grads[name]),
+                )
+                for name in layers
+            }
 
-        yield {
-            name: LayerStatistics(
-                inputs=layer_inputs(modules[name], inputs[name], bias_columns[name]),
-                gradients=None
-                if grads[name] is None
-                else layer_output_gradients(modules[name], grads[name]),
+    def normalisation(self, num_data: int, positions: int, kfac_approx: str) -> float:
+        """The divisor of ``A``: ``N·S`` for expand, ``N`` for reduce."""
+        return num_data * positions if kfac_approx == "expand" else num_data
+
+    def reduce_inputs(self, x: Tensor, kfac_approx: str) -> Tensor:
+        """Expand keeps every position; reduce averages them: ``ā_n = mean_s ã``."""
+        return x.mean(1, keepdim=True) if kfac_approx == "reduce" else x
+
+    def reduce_gradients(self, g: Tensor, kfac_approx: str) -> Tensor:
+        """Expand keeps every position; reduce sums them: ``ḡ = Σ_s g``."""
+        return g.sum(2, keepdim=True) if kfac_approx == "reduce" else g
+
+    def factors(
+        self,
+        problem: Problem,
+        fisher_type: str = "type-2",
+        kfac_approx: str = "expand",
+        bias: str = "joint",
+        mc_samples: int = 1,
+        seed: int = 0,
+        layers: Sequence[str] | None = None,
+    ) -> dict[str, KroneckerFactors]:
+        """KFAC factors per layer; see :func:`kfac`."""
+        _check_flavour(fisher_type, kfac_approx, bias, mc_samples)
+        layers = list(supported_layers(problem.model) if layers is None else layers)
+        modes = {}
+        for name in layers:
+            module = problem.model.get_submodule(name)
+            modes[name] = bias if getattr(module, "bias", None) is not None else "none"
+        bias_columns = {name: modes[name] == "joint" for name in layers}
+
+        A_sums: dict[str, Tensor] = {}
+        G_sums: dict[str, Tensor] = {}
+        positions: dict[str, int] = {}
+        for stats in self.statistics(
+            problem, layers, fisher_type, bias_columns, mc_samples, seed
+        ):
+            for name, st in stats.items():
+                positions[name] = st.inputs.shape[1]
+                x = self.reduce_inputs(st.inputs, kfac_approx)
+                x = x.reshape(-1, x.shape[-1])
+                _accumulate(A_sums, name, x.T @ x)
+                if st.gradients is not None:
+                    g = self.reduce_gradients(st.gradients, kfac_approx)
+                    g = g.reshape(-1, g.shape[-1])
+                    _accumulate(G_sums, name, g.T @ g)
+
+        result = {}
+        for name in layers:
+            A = A_sums[name] / self.normalisation(
+                problem.num_data, positions[name], kfac_approx
             )
-            for name in layers
-        }
+            if fisher_type == "forward-only":
+                d_out = problem.model.get_submodule(name).weight.shape[0]
+                G = torch.eye(d_out, dtype=A.dtype, device=A.device)
+            else:
+                G = G_sums[name]
+            result[name] = KroneckerFactors(
+                input_covariance=A, gradient_covariance=G, bias=modes[name]
+            )
+        return result
 
 
 def _batched_grad(output: Tensor, eps_list: list[Tensor], V: Tensor) -> list[Tensor]:
@@ -269,49 +361,9 @@ def kfac(
         ``{layer: KroneckerFactors}`` with ``A`` normalised by ``N`` (expand: ``N·S``)
         and ``G`` carrying ``R``; the product ``G ⊗ A`` is the canonical block.
     """
-    _check_flavour(fisher_type, kfac_approx, bias, mc_samples)
-    layers = list(supported_layers(problem.model) if layers is None else layers)
-    modes = {}
-    for name in layers:
-        has_bias = getattr(problem.model.get_submodule(name), "bias", None) is not None
-        modes[name] = bias if has_bias else "none"
-    bias_columns = {name: modes[name] == "joint" for name in layers}
-
-    A_sums: dict[str, Tensor] = {}
-    G_sums: dict[str, Tensor] = {}
-    positions: dict[str, int] = {}
-    for stats in layer_statistics(
-        problem, layers, fisher_type, bias_columns, mc_samples, seed
-    ):
-        for name, st in stats.items():
-            x = st.inputs
-            positions[name] = x.shape[1]
-            if kfac_approx == "reduce":
-                x = x.mean(1, keepdim=True)
-            x = x.reshape(-1, x.shape[-1])
-            _accumulate(A_sums, name, x.T @ x)
-            if st.gradients is None:
-                continue
-            g = st.gradients
-            if kfac_approx == "reduce":
-                g = g.sum(2, keepdim=True)
-            g = g.reshape(-1, g.shape[-1])
-            _accumulate(G_sums, name, g.T @ g)
-
-    N = problem.num_data
-    factors = {}
-    for name in layers:
-        S = positions[name] if kfac_approx == "expand" else 1
-        A = A_sums[name] / (N * S)
-        if fisher_type == "forward-only":
-            d_out = problem.model.get_submodule(name).weight.shape[0]
-            G = torch.eye(d_out, dtype=A.dtype, device=A.device)
-        else:
-            G = G_sums[name]
-        factors[name] = KroneckerFactors(
-            input_covariance=A, gradient_covariance=G, bias=modes[name]
-        )
-    return factors
+    return KFACSteps().factors(
+        problem, fisher_type, kfac_approx, bias, mc_samples, seed, layers
+    )
 
 
 def _accumulate(sums: dict[str, Tensor], name: str, value: Tensor) -> None:

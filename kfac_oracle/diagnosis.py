@@ -1,0 +1,275 @@
+"""Diagnosis: which known pitfall (notes §7) explains a mismatch exactly.
+
+Given the candidate's canonical block ``C`` and the reference ``B``, each hypothesis
+builds what an implementation with that pitfall would return, ``B_alt``, and tests
+``C = c · B_alt`` for a scalar ``c`` (least squares ``c = ⟨C, B_alt⟩ / ⟨B_alt, B_alt⟩``,
+residual ``≤ 1e-8 ‖C‖``). A hypothesis that fits is reported, with the constant named
+when it is one of the problem's scales (N, T, N·T, 2, M, S, a batch size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from kfac_oracle.conventions import (
+    cvec_to_rvec_permutation,
+    joint_to_canonical_permutation,
+    kronecker_block,
+    weight_shape_2d,
+)
+from kfac_oracle.problem import Problem
+from kfac_oracle.reference.kfac import KFACSteps
+
+FIT_RTOL = 1e-8
+
+
+def fit_scalar(C: Tensor, B: Tensor) -> float | None:
+    """``c`` with ``C = c · B`` to ``FIT_RTOL``, or ``None``."""
+    if C.shape != B.shape:
+        return None
+    denom = (B * B).sum()
+    if denom == 0:
+        return None
+    c = ((C * B).sum() / denom).item()
+    if (C - c * B).norm() <= FIT_RTOL * max(C.norm().item(), 1e-300):
+        return c
+    return None
+
+
+def named_scales(problem: Problem, positions: int, mc_samples: int) -> dict[str, float]:
+    """Scales an implementation may get wrong, by name (notes §7)."""
+    N = problem.num_data
+    T = problem.loss_terms_per_datum
+    scales = {
+        "2 (MSELoss Hessian 2·I, or MC variance ½)": 2.0,
+        "N (reduction over the data)": float(N),
+        "T (loss terms per datum: mean over N instead of N·T)": float(T),
+        "N·T (the mean reduction ignored)": float(N * T),
+        "2·T (MSE factor 2 and mean over output entries)": 2.0 * T,
+    }
+    if mc_samples > 1:
+        scales["M (MC samples: 1/M missing or applied twice)"] = float(mc_samples)
+    if positions > 1:
+        scales["S (shared positions: expand/reduce normalisation)"] = float(positions)
+        scales["S² (shared positions)"] = float(positions**2)
+    for b, (X, _) in enumerate(problem.data):
+        scales[f"N/B_{b} (batch {b} of size {len(X)} treated as the data set)"] = (
+            N / len(X)
+        )
+    return {k: v for k, v in scales.items() if v != 1.0}
+
+
+def name_scalar(c: float, scales: dict[str, float], rtol: float = 1e-8) -> str:
+    """Describe a constant factor by the scale it matches (to ``rtol``), if any."""
+    for name, s in scales.items():
+        for value, how in ((s, "too large by"), (1 / s, "too small by")):
+            if abs(c - value) <= rtol * abs(value):
+                return f"a constant factor {how} {name}"
+    return f"a constant factor {c:.6g} matching no known scale"
+
+
+def _alt_blocks(
+    problem: Problem,
+    layer: str,
+    fisher_type: str,
+    kfac_approx: str,
+    bias: str,
+    mc_samples: int,
+    seed: int,
+) -> list[tuple[str, Callable[[], Tensor]]]:
+    """Hypotheses: (explanation, lazily built alternative block)."""
+    steps = KFACSteps()
+    module = problem.model.get_submodule(layer)
+
+    def ref(pb=problem, ft=fisher_type, approx=kfac_approx, b=bias):
+        f = steps.factors(pb, ft, approx, b, mc_samples, seed, [layer])[layer]
+        return f
+
+    def block(**kw):
+        return lambda: kronecker_block(ref(**kw))
+
+    hyps = [("", block())]
+    if bias == "joint" and getattr(module, "bias", None) is not None:
+
+        def bias_first():
+            f = ref()
+            A = f.input_covariance
+            order = torch.cat(
+                [torch.tensor([A.shape[0] - 1]), torch.arange(A.shape[0] - 1)]
+            )
+            f.input_covariance = A[order][:, order]
+            return kronecker_block(f)
+
+        hyps.append(
+            ("bias entry placed first in the augmented input [1; a]", bias_first)
+        )
+
+        def bias_zero():
+            f = ref()
+            f.input_covariance[-1, :] = 0
+            f.input_covariance[:, -1] = 0
+            return kronecker_block(f)
+
+        hyps.append(
+            ("missing 1 in the augmented input [a; 1] (bias column zero)", bias_zero)
+        )
+
+    d_out, d_in = weight_shape_2d(module)
+
+    def swapped():
+        f = ref()
+        return _permuted_canonical(
+            torch.kron(f.input_covariance, f.gradient_covariance), f
+        )
+
+    def cvec():
+        B = kronecker_block(ref())
+        has_b = B.shape[0] > d_out * d_in
+        perm = cvec_to_rvec_permutation(d_out, d_in, has_b)
+        inv = torch.argsort(perm)
+        return B[inv][:, inv]
+
+    hyps.append(
+        ("Kronecker order swapped (A ⊗ G in rvec, i.e. the cvec layout)", swapped)
+    )
+    hyps.append(("block in cvec (column-stacking) layout declared as rvec", cvec))
+    other = "reduce" if kfac_approx == "expand" else "expand"
+    hyps.append(
+        (
+            f"KFAC-{other} computed where KFAC-{kfac_approx} was asked",
+            block(approx=other),
+        )
+    )
+    for ft, why in (
+        (
+            "empirical",
+            "empirical-Fisher vectors (true labels) instead of the requested flavour",
+        ),
+        ("type-2", "type-2 vectors instead of the requested flavour"),
+    ):
+        if ft != fisher_type and fisher_type != "forward-only":
+            hyps.append((why, block(ft=ft)))
+    if len(problem.data) > 1:
+        first = Problem(problem.model, problem.loss_func, problem.data[:1])
+        hyps.append(("only the first batch used", block(pb=first)))
+
+        def equal_weights():
+            per_batch = [
+                ref(pb=Problem(problem.model, problem.loss_func, [batch]))
+                for batch in problem.data
+            ]
+            f = per_batch[0]
+            f.input_covariance = sum(p.input_covariance for p in per_batch) / len(
+                per_batch
+            )
+            f.gradient_covariance = sum(p.gradient_covariance for p in per_batch) / len(
+                per_batch
+            )
+            return kronecker_block(f)
+
+        hyps.append(
+            (
+                "per-batch factors averaged with equal weights over unequal batches",
+                equal_weights,
+            )
+        )
+    return hyps
+
+
+def _permuted_canonical(K: Tensor, f) -> Tensor:
+    if f.bias == "joint":
+        perm = joint_to_canonical_permutation(
+            f.gradient_covariance.shape[0], f.input_covariance.shape[0] - 1
+        )
+        if K.shape[0] == perm.numel():
+            return K[perm][:, perm]
+    if f.bias == "separate":
+        Gb = f.gradient_covariance if f.bias_covariance is None else f.bias_covariance
+        return torch.block_diag(K, Gb)
+    return K
+
+
+def diagnose(
+    candidate: Tensor,
+    problem: Problem,
+    layer: str,
+    fisher_type: str,
+    kfac_approx: str,
+    bias: str = "joint",
+    mc_samples: int = 1,
+    seed: int = 0,
+) -> str:
+    """The pitfall that explains ``candidate`` exactly, or a statement that none does.
+
+    Args:
+        candidate: The candidate's canonical block of ``layer``.
+        problem: The problem the candidate was given.
+        layer: Module name.
+        fisher_type: The requested flavour.
+        kfac_approx: The requested approximation.
+        bias: The candidate's declared bias mode.
+        mc_samples: M, for MC requests.
+        seed: The seed, for MC requests.
+    """
+    module = problem.model.get_submodule(layer)
+    positions = shared_positions(problem, layer)
+    scales = named_scales(problem, positions, mc_samples)
+    if bias == "separate":
+        mask = _separate_mask(module, candidate)
+    else:
+        mask = None
+    for why, make in _alt_blocks(
+        problem, layer, fisher_type, kfac_approx, bias, mc_samples, seed
+    ):
+        try:
+            B = make()
+        except Exception:
+            continue
+        if mask is not None and B.shape == mask.shape:
+            B = B * mask
+        c = fit_scalar(candidate, B)
+        if c is None:
+            continue
+        exact_scale = abs(c - 1) <= 1e-8
+        if not why and exact_scale:
+            return "matches the reference (no mismatch)"
+        if not why:
+            return name_scalar(c, scales)
+        return why if exact_scale else f"{why}, with {name_scalar(c, scales)}"
+    if bias == "none" and getattr(module, "bias", None) is not None:
+        return (
+            "missing bias: the module has a bias but the result covers the weight only"
+        )
+    return "no known pitfall explains this"
+
+
+def _separate_mask(module, candidate: Tensor) -> Tensor:
+    d_out, d_in = weight_shape_2d(module)
+    n_w = d_out * d_in
+    mask = torch.zeros_like(candidate)
+    mask[:n_w, :n_w] = 1
+    mask[n_w:, n_w:] = 1
+    return mask
+
+
+def shared_positions(problem: Problem, layer: str) -> int:
+    """S, the number of positions sharing the layer's weight (1 without sharing)."""
+    module = problem.model.get_submodule(layer)
+    seen = {}
+
+    def hook(mod, args, output):
+        if isinstance(mod, torch.nn.Conv2d):
+            seen["s"] = output[0, 0].numel()
+        else:
+            seen["s"] = output[0].numel() // output.shape[-1]
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            problem.model(problem.data[0][0][:1])
+    finally:
+        handle.remove()
+    return seen.get("s", 1)

@@ -1,0 +1,43 @@
+"""The reference KFAC as a candidate of the public contract (built-in ``reference``)."""
+
+from __future__ import annotations
+
+from kfac_oracle.contract import KFACRequest, KroneckerFactors
+from kfac_oracle.problem import Problem
+from kfac_oracle.reference.kfac import KFACSteps
+
+
+class ReferenceKFAC:
+    """kfac_oracle's own KFAC as a candidate: passes every applicable check.
+
+    Args:
+        bias: ``"joint"`` or ``"separate"``, used when the request states none.
+    """
+
+    name = "reference"
+    capabilities = {
+        "fisher_type": {"type-2", "mc", "empirical", "forward-only"},
+        "kfac_approx": {"expand", "reduce"},
+        "layers": {"Linear", "Conv2d"},
+        "losses": {"MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss"},
+        "reductions": {"mean", "sum"},
+        "bias": {"joint", "separate"},
+    }
+    steps_class = KFACSteps
+
+    def __init__(self, bias: str = "joint"):
+        self.bias = bias
+
+    def compute(self, request: KFACRequest) -> dict[str, KroneckerFactors]:
+        """KFAC factors of every requested layer (:func:`~.kfac.kfac`)."""
+        problem = Problem(request.model, request.loss_func, request.data)
+        bias = request.bias or self.bias
+        return self.steps_class().factors(
+            problem,
+            fisher_type=request.fisher_type,
+            kfac_approx=request.kfac_approx,
+            bias=bias,
+            mc_samples=request.mc_samples,
+            seed=request.seed,
+            layers=list(request.layers) or None,
+        )
