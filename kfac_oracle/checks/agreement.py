@@ -1,7 +1,7 @@
 """Agreement: everywhere, the candidate equals the reference KFAC of its flavour.
 
-The flavours are (type-2, empirical, forward-only; expand and, with weight sharing, reduce) to a
-relative error of 1e-10 in float64.
+Flavours: type-2, empirical, forward-only; expand and, with weight sharing, reduce.
+Tolerance: a relative Frobenius error of 1e-10 in float64.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Exactness: where the catalogue claims KFAC is exact, so must the candidate be.
 
-The candidate must equal the exact block (type-2 ↔ GGN, empirical ↔ empirical Fisher) to a relative error of 1e-10.
+The candidate must equal the exact block (type-2 ↔ GGN, empirical ↔ empirical
+Fisher) to a relative error of 1e-10.
 
 Claims about MC-KFAC for the *same* samples (E1) need the oracle's own sampling and
 are checked on the reference only; candidates' MC is checked statistically (``mc``).
