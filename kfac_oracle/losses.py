@@ -109,7 +109,7 @@ def sample_labels(
     M = mc_samples
     if loss_name == "MSELoss":
         zeros = torch.zeros((M, *f.shape), dtype=f.dtype, device=f.device)
-        std = torch.as_tensor(math.sqrt(0.5), device=f.device)
+        std = torch.as_tensor(math.sqrt(0.5), dtype=f.dtype, device=f.device)
         return f.unsqueeze(0) + torch.normal(zeros, std, generator=generator)
     if loss_name == "CrossEntropyLoss":
         probs = _as_positions(loss_name, f).reshape(-1, f.shape[1]).softmax(-1)

@@ -107,7 +107,15 @@ def test_mc_fisher_matches_curvlinops_same_samples(case):
         return
     ours = curvature_matrix(problem, "mc", mc_samples=3, seed=5)
     theirs = curvlinops_dense(problem, FisherMCLinearOperator, mc_samples=3, seed=5)
-    assert_close(ours, theirs, what="MC Fisher")
+    if case.loss == "MSELoss":
+        # curvlinops builds the sampling std √½ as a float32 tensor, so in float64 its
+        # MSE MC Fisher is scaled by (fl32(√½)/√½)² ≈ 1 − 3.4e-8 (a precision finding).
+        std32 = torch.tensor(math.sqrt(0.5), dtype=torch.float32).double().item()
+        ratio = (std32 / math.sqrt(0.5)) ** 2
+        assert rel_error(ours, theirs) > 1e-9
+        assert_close(ours * ratio, theirs, what="MC Fisher, float32 std")
+    else:
+        assert_close(ours, theirs, what="MC Fisher")
 
 
 @pytest.mark.parametrize(
