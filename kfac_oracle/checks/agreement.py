@@ -7,7 +7,7 @@ Tolerance: a relative Frobenius error of 1e-10 in float64.
 from __future__ import annotations
 
 from kfac_oracle.catalogue import Case
-from kfac_oracle.checks.base import CheckItem, CheckSession, RequestKey
+from kfac_oracle.checks.base import CheckItem, CheckSession, RequestKey, Unsupported
 from kfac_oracle.checks.compare import compare_blocks
 from kfac_oracle.checks.diagnose import diagnose_item, supported_or_raise
 
@@ -34,10 +34,18 @@ def _item(case: Case, layer: str, fisher_type: str, approx: str) -> CheckItem:
 
     def run(session: CheckSession):
         supported_or_raise(session.impl, case, fisher_type, approx)
+        if session.approximation == "ekfac" and fisher_type == "forward-only":
+            raise Unsupported("EKFAC has no forward-only flavour")
         result = session.candidate(case, key)
         bias = result.bias[layer] if result.bias[layer] != "none" else "joint"
+        if layer in session.ekfac_ambiguous(case, fisher_type, approx, bias):
+            raise Unsupported(
+                "EKFAC is not unique here: a Kronecker factor has a repeated "
+                "eigenvalue, so the eigenbasis (and EKFAC) depends on the solver"
+            )
         reference = session.reference_blocks(case, fisher_type, approx, bias)[layer]
         module = session.problem(case).model.get_submodule(layer)
+        session.plot_blocks[session.current_item] = (result.blocks[layer], reference)
         return compare_blocks(
             result.blocks[layer],
             reference,

@@ -294,6 +294,9 @@ class CheckSession:
         self._candidate: dict[RequestKey, CandidateResult | CandidateError] = {}
         self._exact: dict[tuple, Tensor] = {}
         self._reference: dict[tuple, dict] = {}
+        self._ambiguous: dict[tuple, set] = {}
+        self.plot_blocks: dict[str, tuple[Tensor, Tensor]] = {}
+        self.current_item: str | None = None
 
     @property
     def name(self) -> str:
@@ -314,6 +317,15 @@ class CheckSession:
             self._exact[key] = curvature_block(problem, layer, kind)
         return self._exact[key]
 
+    @property
+    def approximation(self) -> str:
+        """``"kfac"``, or ``"ekfac"`` for candidates declaring it in capabilities."""
+        return (
+            "ekfac"
+            if "ekfac" in (capability(self.impl, "approximation") or ())
+            else "kfac"
+        )
+
     def reference_blocks(
         self,
         case: Case,
@@ -321,23 +333,45 @@ class CheckSession:
         kfac_approx: str,
         bias: str = "joint",
         variant: str = "base",
-        steps: KFACSteps | None = None,
-        problem: Problem | None = None,
     ) -> dict[str, Tensor]:
-        """Reference KFAC canonical blocks of every layer (cached)."""
-        from kfac_oracle.conventions import kronecker_block
+        """Reference (E)KFAC canonical blocks of every layer (cached).
 
-        key = (case.id, fisher_type, kfac_approx, bias, variant)
-        if steps is None and problem is None and key in self._reference:
+        For EKFAC candidates the reference is EKFAC; where a Kronecker factor has a
+        repeated eigenvalue EKFAC is not unique, and the layer is listed in
+        :meth:`ekfac_ambiguous`.
+        """
+        from kfac_oracle.conventions import kronecker_block
+        from kfac_oracle.reference.ekfac import ekfac, ekfac_block
+
+        approximation = self.approximation
+        key = (case.id, fisher_type, kfac_approx, bias, variant, approximation)
+        if key in self._reference:
             return self._reference[key]
-        problem = problem or self.problem(case, variant)
-        factors = (steps or KFACSteps()).factors(
-            problem, fisher_type, kfac_approx, bias, layers=case.layers
-        )
-        blocks = {name: kronecker_block(f) for name, f in factors.items()}
-        if steps is None:
-            self._reference[key] = blocks
+        problem = self.problem(case, variant)
+        if approximation == "ekfac" and fisher_type != "forward-only":
+            factors = ekfac(problem, fisher_type, kfac_approx, bias, layers=case.layers)
+            blocks = {name: ekfac_block(f) for name, f in factors.items()}
+            kfac_factors = KFACSteps().factors(
+                problem, fisher_type, kfac_approx, bias, layers=case.layers
+            )
+            self._ambiguous[key] = {
+                name for name, f in kfac_factors.items() if _repeated_eigenvalue(f)
+            }
+        else:
+            factors = KFACSteps().factors(
+                problem, fisher_type, kfac_approx, bias, layers=case.layers
+            )
+            blocks = {name: kronecker_block(f) for name, f in factors.items()}
+        self._reference[key] = blocks
         return blocks
+
+    def ekfac_ambiguous(
+        self, case: Case, fisher_type, kfac_approx, bias="joint", variant="base"
+    ):
+        """Layers whose EKFAC is not unique (a repeated eigenvalue in A or G)."""
+        key = (case.id, fisher_type, kfac_approx, bias, variant, self.approximation)
+        self.reference_blocks(case, fisher_type, kfac_approx, bias, variant)
+        return self._ambiguous.get(key, set())
 
     def candidate(self, case: Case, key: RequestKey) -> CandidateResult:
         """The candidate's validated result for ``key`` (cached, errors too).
@@ -390,6 +424,16 @@ class CheckSession:
             return CandidateError(f"ill-formed result: {error!r}")
 
 
+def _repeated_eigenvalue(factors, rtol: float = 1e-8) -> bool:
+    """Whether ``A`` or ``G`` has (numerically) repeated eigenvalues."""
+    for M in (factors.input_covariance, factors.gradient_covariance):
+        ev = torch.linalg.eigvalsh(M)
+        gaps = ev[1:] - ev[:-1]
+        if len(gaps) and gaps.min() <= rtol * ev.abs().max():
+            return True
+    return False
+
+
 @dataclass
 class CheckItem:
     """One runnable check: ``check[case-layer]``."""
@@ -418,6 +462,7 @@ class CheckItem:
             status="error",
             implementation=session.name,
         )
+        session.current_item = self.id
         try:
             status, error, tol, message = self.run_fn(session)
             record.status, record.error, record.tolerance = status, error, tol
@@ -436,6 +481,8 @@ class CheckItem:
             record.status = "error"
             record.message = f"harness error: {exc!r}"
         record.seconds = time.perf_counter() - start
+        if record.status != "failed":
+            session.plot_blocks.pop(self.id, None)
         return record
 
 

@@ -39,6 +39,7 @@ def _item(case: Case, layer: str, claim: Claim) -> CheckItem:
         result = session.candidate(case, key)
         reference = session.exact_block(case, layer, KIND[claim.fisher_type])
         module = session.problem(case).model.get_submodule(layer)
+        session.plot_blocks[session.current_item] = (result.blocks[layer], reference)
         return compare_blocks(
             result.blocks[layer],
             reference,

@@ -17,7 +17,13 @@ import math
 import torch
 
 from kfac_oracle.catalogue import Case
-from kfac_oracle.checks.base import CheckItem, CheckSession, RequestKey, rel_error
+from kfac_oracle.checks.base import (
+    CheckItem,
+    CheckSession,
+    RequestKey,
+    Unsupported,
+    rel_error,
+)
 from kfac_oracle.checks.compare import masked_reference
 from kfac_oracle.checks.diagnose import supported_or_raise
 from kfac_oracle.diagnosis import name_scalar, named_scales, shared_positions
@@ -57,6 +63,8 @@ def _variance_item(case: Case, layer: str, approx: str) -> CheckItem:
 
     def run(session: CheckSession):
         supported_or_raise(session.impl, case, "mc", approx)
+        if session.approximation == "ekfac":
+            raise Unsupported("MC convergence is defined for KFAC, not EKFAC")
         s1, sM = spread(session, 1), spread(session, MC_SAMPLES)
         if sM == 0:
             return "failed", None, VARIANCE_RATIO_MIN, "no spread over seeds at all"
@@ -83,6 +91,8 @@ def _item(case: Case, layer: str, approx: str) -> CheckItem:
 
     def run(session: CheckSession):
         supported_or_raise(session.impl, case, "mc", approx)
+        if session.approximation == "ekfac":
+            raise Unsupported("MC convergence is defined for KFAC, not EKFAC")
         results = [session.candidate(case, key) for key in keys]
         bias = results[0].bias[layer]
         blocks = torch.stack([r.blocks[layer] for r in results])

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
-from kfac_oracle.losses import output_hessian, per_datum_loss, sample_labels
+from kfac_oracle.losses import output_hessian_sqrt, per_datum_loss, sample_labels
 from kfac_oracle.problem import Problem
 from kfac_oracle.reference.functional import ParameterSubset
 
@@ -68,9 +68,27 @@ def _output_gradients(loss_name: str, output: Tensor, labels: Tensor) -> Tensor:
     return g.reshape(labels.shape[0], output.shape[0], -1)
 
 
+_SYM_BLOCK = 1024
+
+
 def _sym_outer(U: Tensor) -> Tensor:
-    """``Uᵀ U`` for ``U`` of shape ``(K, P)``."""
-    return U.T @ U
+    """``Uᵀ U`` for ``U`` of shape ``(K, P)``.
+
+    For large ``P`` only the blocks on and above the diagonal are multiplied (each
+    entry is still one dot product of two columns of ``U``) and mirrored: about half
+    the flops of ``U.T @ U``.
+    """
+    P = U.shape[1]
+    if P <= 2 * _SYM_BLOCK:
+        return U.T @ U
+    out = U.new_empty(P, P)
+    starts = list(range(0, P, _SYM_BLOCK))
+    for i in starts:
+        Ui = U[:, i : i + _SYM_BLOCK].T
+        rows = out[i : i + _SYM_BLOCK]
+        rows[:, i:] = Ui @ U[:, i:]
+        out[i + _SYM_BLOCK :, i : i + _SYM_BLOCK] = rows[:, i + _SYM_BLOCK :].T
+    return out
 
 
 def curvature_matrix(
@@ -100,10 +118,10 @@ def curvature_matrix(
     R = problem.reduction_factor
     loss_name = problem.loss_name
     P = subset.size
-    result = torch.zeros(P, P, dtype=problem.dtype, device=problem.device)
     labels = mc_labels(problem, mc_samples, seed) if kind == "mc" else None
 
     if kind == "hessian":
+        result = torch.zeros(P, P, dtype=problem.dtype, device=problem.device)
         flat = subset.flatten(theta)
         for X, y in problem.data:
 
@@ -114,6 +132,7 @@ def curvature_matrix(
             result += torch.func.hessian(batch_loss)(flat)
         return result * R
 
+    result = None
     for b, (X, y) in enumerate(problem.data):
         with torch.no_grad():
             output = subset.forward(theta, X)
@@ -124,17 +143,26 @@ def curvature_matrix(
                 return per_datum_loss(loss_name, f, t.unsqueeze(0)).sum()
 
             g = subset.flatten(vmap(grad(loss_one), in_dims=(None, 0, 0))(theta, X, y))
-            result += _sym_outer(g)
+            result = _accumulate(result, _sym_outer(g))
             continue
         J = _per_datum_jacobian(subset, theta, X)  # (B, F, P)
         if kind in ("ggn", "type-2"):
-            H = output_hessian(loss_name, output, y)  # (B, F, F)
-            result += torch.einsum("nfp,nfg,ngq->pq", J, H, J)
+            # H_n = S_n S_nᵀ (closed form): J_nᵀ H_n J_n = U_nᵀ U_n, U_n = S_nᵀ J_n,
+            # so the batch's GGN is one symmetric Gram matrix of (K·B, P).
+            S = output_hessian_sqrt(loss_name, output)  # (K, B, *output[0].shape)
+            S = S.reshape(S.shape[0], S.shape[1], -1)  # (K, B, F)
+            U = torch.einsum("knf,nfp->knp", S, J).reshape(-1, P)
+            result = _accumulate(result, _sym_outer(U))
         else:  # mc
             g = _output_gradients(loss_name, output, labels[b])  # (M, B, F)
             U = torch.einsum("mnf,nfp->mnp", g, J).reshape(-1, P)
-            result += _sym_outer(U) / mc_samples
-    return result * R
+            result = _accumulate(result, _sym_outer(U).div_(mc_samples))
+    return result.mul_(R)
+
+
+def _accumulate(total: Tensor | None, value: Tensor) -> Tensor:
+    """``total + value`` in place (``value`` when ``total`` is ``None``)."""
+    return value if total is None else total.add_(value)
 
 
 def module_parameter_names(model: torch.nn.Module, module_name: str) -> list[str]:

@@ -1,0 +1,177 @@
+"""The conformance matrix: every library adapter through the whole suite.
+
+Rows are adapters (library/flavour), columns the check families, cells
+``passed/failed/unsupported`` (errors count as failed, and are listed separately).
+Adapters whose library is not installed are listed as such. One adapter failing,
+even at import, never stops the others. Records of several runs (e.g. from
+environments with conflicting libraries) can be merged with ``--from``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+
+from kfac_oracle.checks.base import FAMILIES
+
+TITLE = "KFAC conformance matrix"
+
+
+def available_adapters() -> dict[str, str | None]:
+    """``{built-in adapter name: library version or None}``."""
+    from kfac_oracle.adapters import adapter_modules
+
+    out = {}
+    for module in adapter_modules().values():
+        try:
+            version = module.library_version()
+        except Exception:
+            version = None
+        for name in module.ADAPTERS:
+            out[name] = version
+    return out
+
+
+def run_adapter(name: str, cases, time_limit: float, progress=None) -> list[dict]:
+    """Records of one adapter (dicts with ``implementation``); never raises."""
+    from kfac_oracle.harness import run
+
+    try:
+        records = run(name, cases, time_limit=time_limit, progress=progress)
+    except Exception as error:
+        return [
+            {
+                "id": f"adapter[{name}]",
+                "check": "adapter",
+                "case": "",
+                "layer": None,
+                "family": "robustness",
+                "status": "error",
+                "message": f"the adapter could not run: {error!r}",
+                "implementation": name,
+            }
+        ]
+    out = []
+    for r in records:
+        d = r.as_dict()
+        d["implementation"] = name
+        out.append(d)
+    return out
+
+
+def run_isolated(name: str, cases_pattern, time_limit: float) -> list[dict]:
+    """Run one adapter in a subprocess (crash isolation)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "records.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "kfac_oracle.cli",
+            "matrix",
+            name,
+            "--json",
+            str(out),
+            "-q",
+        ]
+        cmd += ["--time-limit", str(time_limit)]
+        if cases_pattern:
+            cmd += ["--cases", cases_pattern]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if out.exists():
+            return json.loads(out.read_text())
+        return [
+            {
+                "id": f"adapter[{name}]",
+                "check": "adapter",
+                "case": "",
+                "layer": None,
+                "family": "robustness",
+                "status": "error",
+                "message": f"subprocess exited {proc.returncode}: {proc.stderr[-500:]}",
+                "implementation": name,
+            }
+        ]
+
+
+def matrix_markdown(
+    records: list[dict], versions: dict[str, str | None], note: str = ""
+) -> str:
+    """The matrix as Markdown (rows: adapters; columns: families)."""
+    by_impl: dict[str, dict[str, Counter]] = {}
+    for r in records:
+        fam = by_impl.setdefault(r["implementation"], {f: Counter() for f in FAMILIES})
+        fam.setdefault(r["family"], Counter())[r["status"]] += 1
+    lines = [f"| implementation | version | {' | '.join(FAMILIES)} | errors |"]
+    lines.append("|---|---|" + "---|" * len(FAMILIES) + "---|")
+    for name in sorted(set(versions) | set(by_impl)):
+        version = versions.get(name) or "not installed"
+        if name not in by_impl:
+            lines.append(f"| {name} | {version} |" + " – |" * len(FAMILIES) + " – |")
+            continue
+        cells, errors = [], 0
+        for family in FAMILIES:
+            c = by_impl[name].get(family, Counter())
+            failed = c["failed"] + c["error"]
+            errors += c["error"]
+            cells.append(f"{c['passed']}/{failed}/{c['unsupported']}")
+        lines.append(f"| {name} | {version} | " + " | ".join(cells) + f" | {errors} |")
+    legend = (
+        "\nCells: passed/failed/unsupported (failed includes errors; the last column "
+        "counts the errors). "
+    )
+    return "\n".join(lines) + legend + note + "\n"
+
+
+def main(args) -> int:
+    """``kfac-oracle matrix``: run adapters, write JSON and Markdown."""
+    from kfac_oracle.catalogue import load_cases
+
+    versions = available_adapters()
+    if getattr(args, "from_files", None):
+        records = []
+        for path in args.from_files:
+            records.extend(json.loads(Path(path).read_text()))
+        names = sorted({r["implementation"] for r in records})
+    else:
+        names = args.adapters or [n for n, v in versions.items() if v is not None]
+        unknown = [n for n in names if n not in versions]
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; known: {sorted(versions)}")
+        cases = load_cases(args.cases)
+        records = []
+        for name in names:
+            start = time.perf_counter()
+            if versions[name] is None:
+                print(f"{name}: library not installed, skipped", file=sys.stderr)
+                continue
+            if args.isolate:
+                recs = run_isolated(name, args.cases, args.time_limit)
+            else:
+                recs = run_adapter(name, cases, args.time_limit)
+            records.extend(recs)
+            bad = sum(r["status"] in ("failed", "error") for r in recs)
+            print(
+                f"{name}: {len(recs)} checks, {bad} failed or errored, "
+                f"{time.perf_counter() - start:.0f} s",
+                file=sys.stderr,
+            )
+    seen_versions = {n: versions.get(n) for n in names}
+    note = (
+        f"Generated by `kfac-oracle matrix` on {time.strftime('%Y-%m-%d')} with torch "
+        f"{metadata.version('torch')}."
+    )
+    table = matrix_markdown(
+        records, seen_versions if not args.adapters else versions, note
+    )
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(f"# {TITLE}\n\n{table}")
+    return 0
