@@ -17,6 +17,7 @@ All matrices are over the chosen parameters, flattened rvec in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -68,27 +69,29 @@ def _output_gradients(loss_name: str, output: Tensor, labels: Tensor) -> Tensor:
     return g.reshape(labels.shape[0], output.shape[0], -1)
 
 
-_SYM_BLOCK = 1024
+def gram(U: Tensor) -> Tensor:
+    """The Gram matrix ``Uᵀ U`` for ``U`` of shape ``(K, P)``, exploiting symmetry.
 
-
-def _sym_outer(U: Tensor) -> Tensor:
-    """``Uᵀ U`` for ``U`` of shape ``(K, P)``.
-
-    For large ``P`` only the blocks on and above the diagonal are multiplied (each
-    entry is still one dot product of two columns of ``U``) and mirrored: about half
-    the flops of ``U.T @ U``.
+    For ``P >= 384`` the columns are split into blocks of at most about 1024; only
+    the blocks on and above the diagonal are multiplied (each entry is still one dot
+    product of two columns of ``U``) and mirrored, saving up to half the flops of
+    ``U.T @ U``.
     """
     P = U.shape[1]
-    if P <= 2 * _SYM_BLOCK:
+    if P < 384:
         return U.T @ U
+    blocks = max(2, math.ceil(P / 1024))
+    size = math.ceil(P / blocks)
     out = U.new_empty(P, P)
-    starts = list(range(0, P, _SYM_BLOCK))
-    for i in starts:
-        Ui = U[:, i : i + _SYM_BLOCK].T
-        rows = out[i : i + _SYM_BLOCK]
-        rows[:, i:] = Ui @ U[:, i:]
-        out[i + _SYM_BLOCK :, i : i + _SYM_BLOCK] = rows[:, i + _SYM_BLOCK :].T
+    for i in range(0, P, size):
+        j = i + size
+        rows = out[i:j]
+        rows[:, i:] = U[:, i:j].T @ U[:, i:]
+        out[j:, i:j] = rows[:, j:].T
     return out
+
+
+_sym_outer = gram
 
 
 def curvature_matrix(

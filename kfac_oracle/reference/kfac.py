@@ -45,7 +45,7 @@ from kfac_oracle.contract import (
 )
 from kfac_oracle.losses import output_gradient, output_hessian_sqrt
 from kfac_oracle.problem import Problem
-from kfac_oracle.reference.exact import mc_labels
+from kfac_oracle.reference.exact import gram, mc_labels
 
 SUPPORTED_MODULES = (nn.Linear, nn.Conv2d)
 
@@ -295,11 +295,11 @@ class KFACSteps:
                 positions[name] = st.inputs.shape[1]
                 x = self.reduce_inputs(st.inputs, kfac_approx)
                 x = x.reshape(-1, x.shape[-1])
-                _accumulate(A_sums, name, x.T @ x)
+                _accumulate(A_sums, name, gram(x))
                 if st.gradients is not None:
                     g = self.reduce_gradients(st.gradients, kfac_approx)
                     g = g.reshape(-1, g.shape[-1])
-                    _accumulate(G_sums, name, g.T @ g)
+                    _accumulate(G_sums, name, gram(g))
 
         result = {}
         for name in layers:
