@@ -138,3 +138,7 @@ class MatVecBlock:
 
 
 Result = KroneckerFactors | DenseBlock | MatVecBlock
+
+# A candidate that cannot handle a request its ``capabilities`` do not exclude (e.g.
+# BCE with several outputs) raises ``NotImplementedError``: the harness reports the
+# check "unsupported" with that message. Any other exception is an error.

@@ -72,6 +72,15 @@ class CandidateError(Exception):
     """The candidate raised, timed out, or returned something ill-formed."""
 
 
+class CandidateUnsupported(CandidateError):
+    """The candidate raised ``NotImplementedError``: it does not support the request.
+
+    By convention a candidate signals a case its ``capabilities`` cannot express
+    (e.g. BCE with several outputs) with ``NotImplementedError``; the check is then
+    reported ``unsupported`` with the candidate's message, never passed.
+    """
+
+
 class CheckTimeout(Exception):
     """A candidate call ran past the per-check time limit."""
 
@@ -407,6 +416,8 @@ class CheckSession:
                 result = self.impl.compute(request)
         except CheckTimeout as error:
             return CandidateError(f"timeout: {error}")
+        except NotImplementedError as error:
+            return CandidateUnsupported(f"raised NotImplementedError: {error}")
         except Exception as error:  # a candidate may raise anything
             tb = traceback.format_exception_only(type(error), error)[-1].strip()
             return CandidateError(f"compute() raised {tb}")
@@ -472,7 +483,7 @@ class CheckItem:
                     record.diagnosis = self.diagnose_fn(session)
                 except Exception as exc:  # diagnosis must never break a run
                     record.diagnosis = f"diagnosis failed: {exc!r}"
-        except Unsupported as exc:
+        except (Unsupported, CandidateUnsupported) as exc:
             record.status, record.message = "unsupported", str(exc)
         except CandidateError as exc:
             record.status, record.message = "error", str(exc)

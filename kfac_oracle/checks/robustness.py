@@ -13,6 +13,7 @@ from __future__ import annotations
 from kfac_oracle.catalogue import Case
 from kfac_oracle.checks.base import (
     CandidateError,
+    CandidateUnsupported,
     CheckItem,
     CheckSession,
     RequestKey,
@@ -37,6 +38,8 @@ def items(impl, case: Case) -> list[CheckItem]:
         key = RequestKey(case.id, flavours[0], approx)
         try:
             result = session.candidate(case, key)
+        except CandidateUnsupported:
+            raise
         except CandidateError as error:
             return "failed", None, None, str(error)
         modes = sorted(set(result.bias.values()))
