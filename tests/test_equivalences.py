@@ -12,9 +12,9 @@ import torch
 
 from kfac_oracle.conventions import kronecker_block
 from kfac_oracle.reference.ekfac import (
+    eigenvalue_vector,
     ekfac,
     ekfac_block,
-    eigenvalue_vector,
     kronecker_eigenbasis,
 )
 from kfac_oracle.reference.exact import curvature_block
