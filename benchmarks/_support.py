@@ -145,9 +145,9 @@ PROBLEMS: dict[str, BenchProblem] = {
         ),
         BenchProblem(
             "cnn",
-            "CNN conv3x3(3,16)-conv3x3/2(16,16)-linear, 3x16x16, CE, N=64",
+            "CNN conv3x3(3,16)-conv3x3/2(16,16)-linear, 3x16x16, CE, N=32",
             _cnn,
-            _classification(64, (3, 16, 16)),
+            _classification(32, (3, 16, 16)),
             weight_sharing=True,
             layer_kinds=frozenset({"Linear", "Conv2d"}),
             small=True,
@@ -178,9 +178,9 @@ PROBLEMS: dict[str, BenchProblem] = {
         ),
         BenchProblem(
             "ggnsmall",
-            "MLP 16-24-10 tanh, CE, N=32 (P=658)",
-            lambda: nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 10)),
-            _classification(32, (16,)),
+            "MLP 8-12-4 tanh, CE, N=16 (P=160)",
+            lambda: nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 4)),
+            _classification(16, (8,), classes=4),
             small=True,
         ),
     ]
