@@ -12,6 +12,14 @@ from kfac_oracle.contract import (
 )
 from kfac_oracle.problem import Problem, ProblemError
 
+
+def run_checks(impl, cases=None, **kwargs):
+    """Run the conformance checks (see :func:`kfac_oracle.harness.run`)."""
+    from kfac_oracle.harness import run
+
+    return run(impl, cases, **kwargs)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -21,5 +29,6 @@ __all__ = [
     "MatVecBlock",
     "Problem",
     "ProblemError",
+    "run_checks",
     "__version__",
 ]

@@ -13,7 +13,6 @@ The mean is over the whole data set, not per batch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -204,10 +203,3 @@ def _validate_output(name: str, output: Tensor, y: Tensor, b: int) -> None:
         )
     if not torch.isfinite(output).all():
         raise ProblemError(f"batch {b}: the model's output contains NaN or inf")
-
-
-def num_loss_terms(loss_name: str, output_shape: tuple[int, ...]) -> int:
-    """T for one datum whose output has shape ``output_shape`` (without batch dim)."""
-    if loss_name == "CrossEntropyLoss":
-        return math.prod(output_shape[1:])
-    return math.prod(output_shape)
