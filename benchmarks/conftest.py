@@ -19,6 +19,7 @@ same JSON layout) is provided, so the suite runs on bare machines.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -29,7 +30,8 @@ import torch
 try:
     import pytest_benchmark  # noqa: F401
 
-    HAVE_PYTEST_BENCHMARK = True
+    # KFAC_BENCH_FALLBACK=1 (with -p no:benchmark) forces the fallback fixture.
+    HAVE_PYTEST_BENCHMARK = os.environ.get("KFAC_BENCH_FALLBACK") != "1"
 except ImportError:  # pragma: no cover - depends on environment
     HAVE_PYTEST_BENCHMARK = False
 
