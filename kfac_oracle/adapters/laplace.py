@@ -313,6 +313,16 @@ class LaplaceKronAsdl(_LaplaceKronBase):
     }
     _backend_names = {"type-2": "AsdlGGN", "mc": "AsdlGGN", "empirical": "AsdlEF"}
 
+    def _check(self, request: KFACRequest) -> None:
+        super()._check(request)
+        for name, mod in request.model.named_modules():
+            if isinstance(mod, nn.Conv2d) and any(d != 1 for d in mod.dilation):
+                # asdl.utils.im2col_2d raises "conv2d.dilation has to be (1, 1)" (as
+                # for the ASDL adapter, docs/adapters/asdl.md, finding 6).
+                raise NotImplementedError(
+                    f"{self.name}: Conv2d {name!r} with dilation (ASDL im2col)"
+                )
+
     def _kron_kwargs(self, request: KFACRequest) -> dict[str, Any]:
         if request.fisher_type == "mc":
             return {"n_mc_samples": request.mc_samples, "seed": request.seed}

@@ -122,10 +122,29 @@ class _NngeometryBase:
         if request.reduction not in caps["reductions"]:
             raise NotImplementedError(f"{self.name}: reduction {request.reduction}")
         X = request.data[0][0]
+        # Record the input rank of every Linear (on a copy: the model stays as is).
+        probe = copy.deepcopy(request.model)
+        linear_ndim: dict[str, int] = {}
+        handles = [
+            mod.register_forward_pre_hook(
+                lambda _m, args, name=name: linear_ndim.__setitem__(name, args[0].ndim)
+            )
+            for name, mod in probe.named_modules()
+            if name in modules and isinstance(mod, nn.Linear)
+        ]
         with torch.no_grad():
-            out = request.model(X[:1])
+            out = probe(X[:1])
+        for handle in handles:
+            handle.remove()
         if out.ndim not in caps["output_ndim"]:
             raise NotImplementedError(f"{self.name}: model output must be (N, C)")
+        shared = sorted(name for name, ndim in linear_ndim.items() if ndim != 2)
+        if shared:
+            # nngeometry's LinearLayer (layercollection.py) handles (N, D) inputs only;
+            # with weight sharing (N, S, D) its hooks fail in ``t()``.
+            raise NotImplementedError(
+                f"{self.name}: Linear {shared} with weight sharing (input not (N, D))"
+            )
         for name, mod in modules.items():
             if isinstance(mod, nn.Conv2d) and (
                 mod.groups != 1 or isinstance(mod.padding, str)
@@ -267,7 +286,8 @@ class NngeometryEKFAC(_NngeometryBase):
 
     name = "nngeometry-ekfac"
     _ekfac = True
-    capabilities = _CAPS
+    # EKFAC, not KFAC: the harness compares it with the reference EKFAC (notes E7).
+    capabilities = {**_CAPS, "approximation": {"ekfac"}}
 
 
 ADAPTERS: dict[str, type[_NngeometryBase]] = {
