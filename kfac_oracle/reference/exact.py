@@ -1,7 +1,9 @@
 """Exact curvature matrices by autodiff: dense, per layer, and matrix-free.
 
 With ``L(θ) = R Σ_n ℓ_n`` over the whole data set (notes §1), ``J_n = ∂f(x_n)/∂θ``
-(flattened output × P) and ``H_n = ∇²_f ℓ_n`` (computed by autodiff of the loss):
+(flattened output × P) and ``H_n = ∇²_f ℓ_n = S_n S_nᵀ`` (the closed-form symmetric
+factor of :func:`kfac_oracle.losses.output_hessian_sqrt`, tested against the autodiff
+Hessian of the loss; the matrix-free GGN product uses the autodiff Hessian):
 
 - Hessian: ``∇²_θ L``;
 - GGN (= type-2 Fisher for MSE, CE and BCE): ``R Σ_n J_nᵀ H_n J_n``;
@@ -91,8 +93,6 @@ def gram(U: Tensor) -> Tensor:
     return out
 
 
-_sym_outer = gram
-
 
 def curvature_matrix(
     problem: Problem,
@@ -146,7 +146,7 @@ def curvature_matrix(
                 return per_datum_loss(loss_name, f, t.unsqueeze(0)).sum()
 
             g = subset.flatten(vmap(grad(loss_one), in_dims=(None, 0, 0))(theta, X, y))
-            result = _accumulate(result, _sym_outer(g))
+            result = _accumulate(result, gram(g))
             continue
         J = _per_datum_jacobian(subset, theta, X)  # (B, F, P)
         if kind in ("ggn", "type-2"):
@@ -155,11 +155,11 @@ def curvature_matrix(
             S = output_hessian_sqrt(loss_name, output)  # (K, B, *output[0].shape)
             S = S.reshape(S.shape[0], S.shape[1], -1)  # (K, B, F)
             U = torch.einsum("knf,nfp->knp", S, J).reshape(-1, P)
-            result = _accumulate(result, _sym_outer(U))
+            result = _accumulate(result, gram(U))
         else:  # mc
             g = _output_gradients(loss_name, output, labels[b])  # (M, B, F)
             U = torch.einsum("mnf,nfp->mnp", g, J).reshape(-1, P)
-            result = _accumulate(result, _sym_outer(U).div_(mc_samples))
+            result = _accumulate(result, gram(U).div_(mc_samples))
     return result.mul_(R)
 
 
