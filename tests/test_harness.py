@@ -403,3 +403,10 @@ def test_parametrize_with_checks(pytester):
     assert outcomes["passed"] >= 9 and outcomes["xfailed"] >= 4, outcomes
     assert "failed" not in outcomes, result.stdout.str()[-3000:]
     result.stdout.fnmatch_lines(["*matches no check*"])
+
+
+def test_plugin_imports_no_torch():
+    """The pytest11 entry point must stay light: no torch unless --kfac-impl."""
+    code = "import sys, kfac_oracle.plugin; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
