@@ -59,9 +59,12 @@ def output_hessian_sqrt(loss_name: str, output: Tensor) -> Tensor:
 
     Returns ``V`` of shape ``(K, *output.shape)`` with ``Σ_k V[k, n] V[k, n]ᵀ = H_n``
     (flattened over the datum's output entries). ``H_n`` is block-diagonal over
-    positions, so each vector is supported on one position (``K`` = positions ×
-    classes): MSE ``√2 e_i``; BCE ``√(σ(1−σ)) e_i``; CE per position the columns of
-    ``M = diag(√p) − p √pᵀ``, which satisfies ``M Mᵀ = diag(p) − p pᵀ`` as ``Σ p = 1``.
+    positions, so each vector is supported on one position. MSE: ``√2 e_i``; BCE:
+    ``√(σ(1−σ)) e_i`` (``K`` = output entries). CE: per position, ``M Q`` with
+    ``M = diag(√p) − p √pᵀ`` (``M Mᵀ = diag(p) − p pᵀ`` as ``Σ p = 1``) and ``Q`` the
+    first ``C − 1`` columns of the Householder reflection that maps ``√p`` to
+    ``−e_C``: they span the complement of ``√p``, the null vector of ``M``, so
+    ``(M Q)(M Q)ᵀ = M Mᵀ`` with ``C − 1`` columns instead of ``C`` (the rank of ``H``).
     """
     z = _as_positions(loss_name, output.detach())
     B, S, C = z.shape
@@ -69,7 +72,15 @@ def output_hessian_sqrt(loss_name: str, output: Tensor) -> Tensor:
         p = z.softmax(-1)
         sqrt_p = p.sqrt()
         M = torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
-        cols = M  # (B, S, C_row, C_col)
+        if C > 1:
+            w = sqrt_p.clone()
+            w[..., -1] += 1.0  # w = √p + e_C, ‖w‖² = 2 + 2 √p_C >= 2
+            eye = torch.eye(C, dtype=z.dtype, device=z.device)
+            reflection = eye - 2 * w.unsqueeze(-1) * w.unsqueeze(-2) / (w * w).sum(
+                -1, keepdim=True
+            ).unsqueeze(-1)
+            M = M @ reflection[..., : C - 1]
+        cols = M  # (B, S, C_row, K_col)
     elif loss_name == "MSELoss":
         cols = torch.full((B, S, 1, 1), math.sqrt(2.0), dtype=z.dtype, device=z.device)
     elif loss_name == "BCEWithLogitsLoss":
@@ -77,12 +88,13 @@ def output_hessian_sqrt(loss_name: str, output: Tensor) -> Tensor:
         cols = (s * (1 - s)).sqrt().unsqueeze(-1)  # (B, S, 1, 1)
     else:
         raise ValueError(f"unsupported loss {loss_name!r}")
-    # V[(s', c'), n, s, c] = δ_{s s'} cols[n, s, c, c']
+    K = cols.shape[-1]
+    # V[(s', k), n, s, c] = δ_{s s'} cols[n, s, c, k]
     eye_s = torch.eye(S, dtype=z.dtype, device=z.device)
-    V = torch.einsum("tu,nuck->tknuc", eye_s, cols).reshape(S * C, B, S, C)
+    V = torch.einsum("tu,nuck->tknuc", eye_s, cols).reshape(S * K, B, S, C)
     if loss_name == "CrossEntropyLoss":
         V = V.transpose(2, 3)  # back to (K, B, C, S)
-    return V.reshape(S * C, *output.shape)
+    return V.reshape(S * K, *output.shape)
 
 
 def output_hessian(loss_name: str, output: Tensor, y: Tensor) -> Tensor:

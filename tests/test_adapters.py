@@ -79,7 +79,7 @@ PASSING = [
     ("nngeometry-kfac", "one_datum_bce_soft_mean", T2),
     ("nngeometry-ekfac", "mlp_tanh_bce_mean", f"{T2},batch_split"),
     ("kronfluence-kfac", "one_datum_mse_mean", f"{EF},{INV}"),
-    ("kronfluence-ekfac", "one_datum_cro_sum", EF),
+    ("kronfluence-ekfac", "one_datum_cro_sum", "exact_*_empirical_*,wellformed"),
 ]
 
 
@@ -166,6 +166,14 @@ FINDINGS = [
     ("asdl-fisher-mc", "mlp_tanh_cro_mean", "mc_converges_*", "failed", "by M"),
     # B5: KFRA on float64 models (default dtype float32) crashes.
     ("backpack-kfra", "deep_linear_d2_bias_mse_mean", "wellformed", "failed", "Float"),
+    # kronfluence 1: with weight sharing (Conv2d, S = 25) KFAC is expand / S.
+    (
+        "kronfluence-kfac",
+        "conv_pool_k3_pad1_mse_mean",
+        "agree_empirical_expand",
+        "failed",
+        "too small by S",
+    ),
     # nngeometry 1: classif_logits on a float64 model crashes.
     ("nngeometry-kfac", "one_datum_cro_mean", "exact_E1_*", "error", "double != float"),
 ]
