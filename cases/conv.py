@@ -39,6 +39,30 @@ for name, kw in PIXEL.items():
             )
         )
 
+# The same per-pixel prediction flattened to (N, C·H·W): a 2-D output, which libraries
+# restricted to 2-D outputs can take; the loss and the claims are unchanged.
+for reduction in ("mean", "sum"):
+    CASES.append(
+        Case(
+            id=f"conv_flat_k3_pad1_mse_{reduction}",
+            family="conv_expand",
+            model=[("Conv2d", 2, 3, 3, {"padding": 1}), ("Flatten",)],
+            input_shape=IN,
+            loss="MSELoss",
+            reduction=reduction,
+            batch_sizes=(2, 1),
+            setting="expand",
+            claims={
+                "0": [
+                    exact("E5", kfac_approx="expand"),
+                    inexact("E5", "type-2", "reduce"),
+                ]
+            },
+            seed=61,
+            description="Conv2d per-pixel prediction flattened, per-entry MSE",
+        )
+    )
+
 # A following 1x1 conv keeps the first conv expand-exact; a following 3x3 conv not.
 CASES.append(
     Case(

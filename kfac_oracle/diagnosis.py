@@ -64,10 +64,14 @@ def named_scales(problem: Problem, positions: int, mc_samples: int) -> dict[str,
 
 def name_scalar(c: float, scales: dict[str, float], rtol: float = 1e-8) -> str:
     """Describe a constant factor by the scale it matches (to ``rtol``), if any."""
+    best = None
     for name, s in scales.items():
         for value, how in ((s, "too large by"), (1 / s, "too small by")):
-            if abs(c - value) <= rtol * abs(value):
-                return f"a constant factor {how} {name}"
+            dist = abs(c - value) / abs(value)
+            if dist <= rtol and (best is None or dist < best[0]):
+                best = (dist, f"a constant factor {how} {name}")
+    if best is not None:
+        return best[1]
     return f"a constant factor {c:.6g} matching no known scale"
 
 
@@ -243,7 +247,40 @@ def diagnose(
         return (
             "missing bias: the module has a bias but the result covers the weight only"
         )
-    return "no known pitfall explains this"
+    partial = _weight_block_only(
+        candidate,
+        problem,
+        layer,
+        fisher_type,
+        kfac_approx,
+        bias,
+        mc_samples,
+        seed,
+        scales,
+    )
+    return partial or "no known pitfall explains this"
+
+
+def _weight_block_only(
+    candidate, problem, layer, fisher_type, kfac_approx, bias, mc_samples, seed, scales
+) -> str | None:
+    """The weight block off by a constant while the bias block is right."""
+    module = problem.model.get_submodule(layer)
+    if getattr(module, "bias", None) is None or bias == "none":
+        return None
+    f = KFACSteps().factors(
+        problem, fisher_type, kfac_approx, bias, mc_samples, seed, [layer]
+    )
+    B = kronecker_block(f[layer])
+    d_out, d_in = weight_shape_2d(module)
+    n_w = d_out * d_in
+    c = fit_scalar(candidate[:n_w, :n_w], B[:n_w, :n_w])
+    if c is None or abs(c - 1) <= 1e-8:
+        return None
+    Cb, Bb = candidate[n_w:, n_w:], B[n_w:, n_w:]
+    if (Cb - Bb).norm() > FIT_RTOL * Bb.norm():
+        return None
+    return f"weight block off by {name_scalar(c, scales)}; the bias block is right"
 
 
 def _separate_mask(module, candidate: Tensor) -> Tensor:

@@ -93,7 +93,6 @@ def gram(U: Tensor) -> Tensor:
     return out
 
 
-
 def curvature_matrix(
     problem: Problem,
     kind: str = "ggn",
