@@ -1,12 +1,15 @@
 """Group the failed and errored records of a `kfac-oracle matrix --json` file.
 
-Usage: python examples/findings/summarize_matrix.py docs/matrix.json [adapter ...]
+Usage: python examples/findings/summarize_matrix.py docs/matrix.json.gz [adapter ...]
+
+The records file may be plain JSON or gzipped (a name ending in ``.gz``).
 
 Per adapter, records are grouped by check name (the part before ``[``) and by the
 diagnosis (or, without one, the message) with its numbers replaced by ``#``; each group
 prints its size, the range of the measured errors, the cases, and one full example.
 """
 
+import gzip
 import json
 import re
 import sys
@@ -22,7 +25,9 @@ def key_text(record):
 
 
 def main(path, wanted=()):
-    records = json.load(open(path))
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        records = json.load(f)
     groups = defaultdict(list)
     for r in records:
         if r["status"] not in ("failed", "error"):
