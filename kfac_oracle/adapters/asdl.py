@@ -57,6 +57,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from kfac_oracle.adapters._common import check_flavour, distribution_version
 from kfac_oracle.contract import KFACRequest, KroneckerFactors
 
 _INSTALL_HINT = (
@@ -83,14 +84,7 @@ def _import_asdl() -> Any:
 
 def library_version() -> str | None:
     """Return the installed ``asdfghjkl`` distribution version, or ``None``."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # pragma: no cover
-        return None
-    try:
-        return version("asdfghjkl")
-    except PackageNotFoundError:
-        return None
+    return distribution_version("asdfghjkl")
 
 
 def _terms_per_datum(request: KFACRequest) -> int:
@@ -124,14 +118,7 @@ class _AsdlKron:
     def _check(self, request: KFACRequest) -> None:
         """Raise ``NotImplementedError`` for requests outside the capabilities."""
         caps = self.capabilities
-        if request.fisher_type not in caps["fisher_type"]:
-            raise NotImplementedError(f"{self.name}: fisher_type {request.fisher_type}")
-        if request.kfac_approx not in caps["kfac_approx"]:
-            raise NotImplementedError(f"{self.name}: kfac_approx {request.kfac_approx}")
-        if request.loss_name not in caps["losses"]:
-            raise NotImplementedError(f"{self.name}: loss {request.loss_name}")
-        if request.reduction not in caps["reductions"]:
-            raise NotImplementedError(f"{self.name}: reduction {request.reduction}")
+        check_flavour(self.name, caps, request)
         if _first_output(request).ndim not in caps["output_ndim"]:
             raise NotImplementedError(f"{self.name}: model output must be (N, C)")
         for name, mod in request.model.named_modules():

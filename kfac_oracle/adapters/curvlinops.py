@@ -21,10 +21,10 @@ The model is deep-copied; curvlinops' hooks never touch the caller's model.
 from __future__ import annotations
 
 import copy
-from importlib import metadata
 
 import torch
 
+from kfac_oracle.adapters._common import distribution_version
 from kfac_oracle.contract import DenseBlock, KFACRequest, KroneckerFactors
 
 FISHER = {
@@ -37,10 +37,7 @@ FISHER = {
 
 def library_version() -> str | None:
     """The installed curvlinops version, or ``None``."""
-    try:
-        return metadata.version("curvlinops-for-pytorch")
-    except metadata.PackageNotFoundError:
-        return None
+    return distribution_version("curvlinops-for-pytorch")
 
 
 def _operator(request: KFACRequest, cls_name: str):

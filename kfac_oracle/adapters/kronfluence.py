@@ -50,6 +50,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from kfac_oracle.adapters._common import check_flavour, distribution_version
 from kfac_oracle.contract import DenseBlock, KFACRequest, KroneckerFactors
 
 _INSTALL_HINT = (
@@ -79,12 +80,7 @@ def _import_kronfluence() -> Any:
 
 def library_version() -> str | None:
     """Return the installed ``kronfluence`` distribution version, or ``None``."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("kronfluence")
-    except PackageNotFoundError:
-        return None
+    return distribution_version("kronfluence")
 
 
 def _sum_loss(loss_name: str) -> nn.Module:
@@ -147,14 +143,7 @@ class _KronfluenceBase:
     def _check(self, request: KFACRequest, modules: dict[str, nn.Module]) -> None:
         """Raise ``NotImplementedError`` for requests outside the capabilities."""
         caps = self.capabilities
-        if request.fisher_type not in caps["fisher_type"]:
-            raise NotImplementedError(f"{self.name}: fisher_type {request.fisher_type}")
-        if request.kfac_approx not in caps["kfac_approx"]:
-            raise NotImplementedError(f"{self.name}: kfac_approx {request.kfac_approx}")
-        if request.loss_name not in caps["losses"]:
-            raise NotImplementedError(f"{self.name}: loss {request.loss_name}")
-        if request.reduction not in caps["reductions"]:
-            raise NotImplementedError(f"{self.name}: reduction {request.reduction}")
+        check_flavour(self.name, caps, request)
         with torch.no_grad():
             out = request.model(request.data[0][0][:1])
         if out.ndim not in caps["output_ndim"]:

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kfac_oracle.adapters._common import check_flavour, distribution_version
 from kfac_oracle.contract import KFACRequest, KroneckerFactors
 
 _INSTALL_HINT = (
@@ -69,12 +70,7 @@ _LIKELIHOOD = {"MSELoss": "regression", "CrossEntropyLoss": "classification"}
 
 def library_version() -> str | None:
     """Return the installed ``laplace-torch`` version, or ``None``."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("laplace-torch")
-    except metadata.PackageNotFoundError:
-        return None
+    return distribution_version("laplace-torch")
 
 
 def _import_laplace() -> Any:
@@ -116,14 +112,7 @@ class _LaplaceKronBase:
             NotImplementedError: If the request is not supported.
         """
         caps = self.capabilities
-        if request.fisher_type not in caps["fisher_type"]:
-            raise NotImplementedError(f"{self.name}: fisher_type {request.fisher_type}")
-        if request.kfac_approx not in caps["kfac_approx"]:
-            raise NotImplementedError(f"{self.name}: kfac_approx {request.kfac_approx}")
-        if request.loss_name not in caps["losses"]:
-            raise NotImplementedError(f"{self.name}: loss {request.loss_name}")
-        if request.reduction not in caps["reductions"]:
-            raise NotImplementedError(f"{self.name}: reduction {request.reduction}")
+        check_flavour(self.name, caps, request)
         loss = request.loss_func
         if isinstance(loss, nn.CrossEntropyLoss) and (
             loss.weight is not None

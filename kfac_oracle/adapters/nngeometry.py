@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from kfac_oracle.adapters._common import check_flavour, distribution_version
 from kfac_oracle.contract import DenseBlock, KFACRequest, KroneckerFactors
 
 _INSTALL_HINT = (
@@ -80,12 +81,7 @@ def _import_nngeometry() -> Any:
 
 def library_version() -> str | None:
     """Return the installed ``nngeometry`` distribution version, or ``None``."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("nngeometry")
-    except PackageNotFoundError:
-        return None
+    return distribution_version("nngeometry")
 
 
 def _joint_to_torch_order(out_features: int, in_features: int) -> torch.Tensor:
@@ -111,16 +107,9 @@ class _NngeometryBase:
     def _check(self, request: KFACRequest, modules: dict[str, nn.Module]) -> None:
         """Raise ``NotImplementedError`` for requests outside the capabilities."""
         caps = self.capabilities
-        if request.fisher_type not in caps["fisher_type"]:
-            raise NotImplementedError(f"{self.name}: fisher_type {request.fisher_type}")
-        if request.kfac_approx not in caps["kfac_approx"]:
-            raise NotImplementedError(f"{self.name}: kfac_approx {request.kfac_approx}")
-        if request.loss_name not in caps["losses"]:
-            raise NotImplementedError(f"{self.name}: loss {request.loss_name}")
+        check_flavour(self.name, caps, request)
         if request.fisher_type == "mc" and request.loss_name != "CrossEntropyLoss":
             raise NotImplementedError(f"{self.name}: MC only for CrossEntropyLoss")
-        if request.reduction not in caps["reductions"]:
-            raise NotImplementedError(f"{self.name}: reduction {request.reduction}")
         X = request.data[0][0]
         # Record the input rank of every Linear (on a copy: the model stays as is).
         probe = copy.deepcopy(request.model)
