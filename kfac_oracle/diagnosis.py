@@ -64,15 +64,19 @@ def named_scales(problem: Problem, positions: int, mc_samples: int) -> dict[str,
 
 def name_scalar(c: float, scales: dict[str, float], rtol: float = 1e-8) -> str:
     """Describe a constant factor by the scale it matches (to ``rtol``), if any."""
-    best = None
+    matches = []
     for name, s in scales.items():
         for value, how in ((s, "too large by"), (1 / s, "too small by")):
             dist = abs(c - value) / abs(value)
-            if dist <= rtol and (best is None or dist < best[0]):
-                best = (dist, f"a constant factor {how} {name}")
-    if best is not None:
-        return best[1]
-    return f"a constant factor {c:.6g} matching no known scale"
+            if dist <= rtol:
+                matches.append((dist, how, name))
+    if not matches:
+        return f"a constant factor {c:.6g} matching no known scale"
+    best = min(d for d, _, _ in matches)
+    # scales that coincide in this problem (e.g. S = T) are all named
+    tied = [(how, name) for d, how, name in matches if d <= best + 1e-12]
+    how = tied[0][0]
+    return f"a constant factor {how} " + " = ".join(name for _, name in tied)
 
 
 def _alt_blocks(

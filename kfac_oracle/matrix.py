@@ -9,6 +9,7 @@ environments with conflicting libraries) can be merged with ``--from``.
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -136,7 +137,9 @@ def main(args) -> int:
     if getattr(args, "from_files", None):
         records = []
         for path in args.from_files:
-            records.extend(json.loads(Path(path).read_text()))
+            opener = gzip.open if str(path).endswith(".gz") else open
+            with opener(path, "rt") as f:
+                records.extend(json.load(f))
         names = sorted({r["implementation"] for r in records})
     else:
         names = args.adapters or [n for n, v in versions.items() if v is not None]

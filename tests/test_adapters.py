@@ -52,7 +52,7 @@ def adapter_module(name: str) -> str:
 
 
 # (adapter, case, check patterns): every selected record must be "passed". Chosen from
-# the published matrix (docs/matrix.json) where the library is right; together they
+# the published matrix (docs/matrix.json.gz) where the library is right; together they
 # exercise each adapter's conversions (reduction, MSE factor 2, bias layout, batches).
 INV = "batch_split,shuffle,current_parameters,wellformed"
 T2 = "exact_*_type-2_*,agree_type-2_*"
