@@ -266,7 +266,6 @@ def builtin_implementations() -> list[ImplEntry]:
     from kfac_oracle.reference.candidate import ReferenceKFAC
 
     entries = [ImplEntry("reference", ReferenceKFAC)]
-    have_curvlinops_adapter = False
     for short in ADAPTER_MODULES:
         try:
             module = importlib.import_module(f"kfac_oracle.adapters.{short}")
@@ -280,18 +279,7 @@ def builtin_implementations() -> list[ImplEntry]:
                     ImplEntry(name, None, f"{name} is not KFAC ({sorted(approx)})")
                 )
                 continue
-            if short == "curvlinops":
-                have_curvlinops_adapter = True
             entries.append(ImplEntry(name, None if reason else cls, reason))
-    if not have_curvlinops_adapter:
-        from benchmarks._curvlinops import CurvlinopsKFACWrapper, available
-
-        reason = available()
-        entries.append(
-            ImplEntry(
-                "curvlinops-kfac", None if reason else CurvlinopsKFACWrapper, reason
-            )
-        )
     return entries
 
 

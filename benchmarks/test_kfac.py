@@ -170,11 +170,11 @@ def test_forward_backward(benchmark, fwd_case):
 
 def _curvlinops_operator(problem, device, dtype, flavour="type-2"):
     pytest.importorskip("curvlinops", reason="curvlinops is not installed")
-    from benchmarks._curvlinops import kfac_operator
+    from kfac_oracle.adapters.curvlinops import operator
 
     model, loss_func, data = PROBLEMS[problem].build(device, DTYPES[dtype])
     request = make_request(model, loss_func, data, flavour, "expand")
-    op, _ = kfac_operator(request)
+    _, _, op, _ = operator(request, copy_model=False)
     return op, request
 
 

@@ -40,12 +40,19 @@ def library_version() -> str | None:
     return distribution_version("curvlinops-for-pytorch")
 
 
-def _operator(request: KFACRequest, cls_name: str):
+def operator(
+    request: KFACRequest, cls_name: str = "KFACLinearOperator", copy_model: bool = True
+):
+    """``(model, layers, operator, separate)``: a curvlinops operator for a request.
+
+    The model is deep-copied unless ``copy_model`` is false (benchmarks time the
+    library alone).
+    """
     try:
         import curvlinops
     except ImportError as error:  # pragma: no cover - curvlinops is a dependency
         raise ImportError("pip install curvlinops-for-pytorch==3.0.1") from error
-    model = copy.deepcopy(request.model)
+    model = copy.deepcopy(request.model) if copy_model else request.model
     layers = list(request.layers) or [
         n
         for n, m in model.named_modules()
@@ -85,7 +92,7 @@ class CurvlinopsKFAC:
 
     def compute(self, request: KFACRequest) -> dict[str, KroneckerFactors]:
         """Compute the factors and read them per module."""
-        model, layers, op, separate = _operator(request, "KFACLinearOperator")
+        model, layers, op, separate = operator(request, "KFACLinearOperator")
         op.compute_kronecker_factors()
         out = {}
         for name in layers:
@@ -112,7 +119,7 @@ class CurvlinopsEKFAC:
 
     def compute(self, request: KFACRequest) -> dict[str, DenseBlock]:
         """Densify the operator and cut out each module's diagonal block."""
-        model, layers, op, _ = _operator(request, "EKFACLinearOperator")
+        model, layers, op, _ = operator(request, "EKFACLinearOperator")
         P = op.shape[0]
         ref = next(model.parameters())
         dense = op @ torch.eye(P, dtype=ref.dtype, device=ref.device)
