@@ -44,7 +44,7 @@ from kfac_oracle.contract import (
     KroneckerFactors,
 )
 from kfac_oracle.losses import output_gradient, output_hessian_sqrt
-from kfac_oracle.problem import Problem
+from kfac_oracle.problem import Problem, validate_output
 from kfac_oracle.reference.exact import gram, mc_labels
 
 SUPPORTED_MODULES = (nn.Linear, nn.Conv2d)
@@ -228,6 +228,7 @@ class KFACSteps:
             finally:
                 for h in handles:
                     h.remove()
+            validate_output(problem.loss_name, output.detach(), y, b)
 
             grads: dict[str, Tensor | None] = dict.fromkeys(layers)
             if fisher_type != "forward-only":
