@@ -26,6 +26,37 @@ from kfac_oracle.reference.kfac import KFACSteps
 FIT_RTOL = 1e-8
 
 
+class UnfoldWithoutPadding(KFACSteps):
+    """Pitfall 8: Conv2d patches unfolded without the layer's padding."""
+
+    def layer_inputs(self, module, a, bias_column):
+        """Unfold ignoring ``module.padding``."""
+        if not isinstance(module, torch.nn.Conv2d):
+            return super().layer_inputs(module, a, bias_column)
+        patches = torch.nn.functional.unfold(
+            a, module.kernel_size, dilation=module.dilation, stride=module.stride
+        )
+        x = patches.transpose(1, 2)
+        if bias_column:
+            x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+        return x
+
+
+class KernelOrderSwapped(KFACSteps):
+    """Pitfall 8: patches flattened ``(kh, kw, C_in)`` instead of ``(C_in, kh, kw)``."""
+
+    def layer_inputs(self, module, a, bias_column):
+        """Reorder each patch's entries."""
+        x = super().layer_inputs(module, a, False)
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            shape = (*x.shape[:-1], module.in_channels, k)
+            x = x.reshape(shape).transpose(-1, -2).reshape(x.shape)
+        if bias_column:
+            x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+        return x
+
+
 def fit_scalar(C: Tensor, B: Tensor) -> float | None:
     """``c`` with ``C = c · B`` to ``FIT_RTOL``, or ``None``."""
     if C.shape != B.shape:
@@ -144,6 +175,30 @@ def _alt_blocks(
         ("Kronecker order swapped (A ⊗ G in rvec, i.e. the cvec layout)", swapped)
     )
     hyps.append(("block in cvec (column-stacking) layout declared as rvec", cvec))
+    if isinstance(module, torch.nn.Conv2d):
+        for steps_cls, why in (
+            (UnfoldWithoutPadding, "Conv2d patches unfolded without the padding"),
+            (
+                KernelOrderSwapped,
+                "Conv2d patches flattened (kh, kw, C_in), not (C_in, kh, kw)",
+            ),
+        ):
+            hyps.append(
+                (
+                    why,
+                    lambda cls=steps_cls: kronecker_block(
+                        cls().factors(
+                            problem,
+                            fisher_type,
+                            kfac_approx,
+                            bias,
+                            mc_samples,
+                            seed,
+                            [layer],
+                        )[layer]
+                    ),
+                )
+            )
     other = "reduce" if kfac_approx == "expand" else "expand"
     hyps.append(
         (

@@ -12,6 +12,7 @@ import torch
 
 from kfac_oracle.contract import DenseBlock
 from kfac_oracle.conventions import joint_to_canonical_permutation
+from kfac_oracle.diagnosis import KernelOrderSwapped, UnfoldWithoutPadding
 from kfac_oracle.problem import Problem
 from kfac_oracle.reference.candidate import ReferenceKFAC
 from kfac_oracle.reference.kfac import KFACSteps, layer_inputs
@@ -116,33 +117,6 @@ class _AlwaysReduce(KFACSteps):
         return super().reduce_gradients(g, "reduce")
 
 
-class _ConvNoPadding(KFACSteps):
-    def layer_inputs(self, module, a, bias_column):
-        if isinstance(module, torch.nn.Conv2d):
-            patches = torch.nn.functional.unfold(
-                a, module.kernel_size, dilation=module.dilation, stride=module.stride
-            )
-            x = patches.transpose(1, 2)
-            if bias_column:
-                x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
-            return x
-        return super().layer_inputs(module, a, bias_column)
-
-
-class _ConvKernelOrder(KFACSteps):
-    """Patches flattened (kh, kw, C_in) instead of (C_in, kh, kw)."""
-
-    def layer_inputs(self, module, a, bias_column):
-        x = super().layer_inputs(module, a, False)
-        if isinstance(module, torch.nn.Conv2d):
-            C = module.in_channels
-            k = module.kernel_size[0] * module.kernel_size[1]
-            x = x.reshape(*x.shape[:-1], C, k).transpose(-1, -2).reshape(x.shape)
-        if bias_column:
-            x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
-        return x
-
-
 class _MCNoOneOverM(KFACSteps):
     def backpropagated_vectors(self, problem, fisher_type, output, y, labels, M):
         V = super().backpropagated_vectors(problem, fisher_type, output, y, labels, M)
@@ -183,9 +157,14 @@ ExpandNormInReduce = mutant(
 AlwaysReduce = mutant(
     _AlwaysReduce, "always_reduce", "7: reduce on expand data", "KFAC-reduce computed"
 )
-ConvNoPadding = mutant(_ConvNoPadding, "conv_no_padding", "8: unfold without padding")
+ConvNoPadding = mutant(
+    UnfoldWithoutPadding,
+    "conv_no_padding",
+    "8: unfold without padding",
+    "without the padding",
+)
 ConvKernelOrder = mutant(
-    _ConvKernelOrder, "conv_kernel_order", "8: kernel flattened in the wrong order"
+    KernelOrderSwapped, "conv_kernel_order", "8: kernel order", "(kh, kw, C_in)"
 )
 MCNoOneOverM = mutant(
     _MCNoOneOverM, "mc_no_one_over_M", "9: MC 1/M forgotten", "M (MC samples"
