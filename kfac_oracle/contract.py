@@ -38,6 +38,16 @@ LAYOUTS = ("rvec", "cvec")
 SUPPORTED_LOSSES = ("MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss")
 SUPPORTED_LAYERS = ("Linear", "Conv2d")
 
+# Everything the contract can express (the reference implements all of it).
+FULL_CAPABILITIES = {
+    "fisher_type": set(FISHER_TYPES),
+    "kfac_approx": set(KFAC_APPROXES),
+    "layers": set(SUPPORTED_LAYERS),
+    "losses": set(SUPPORTED_LOSSES),
+    "reductions": {"mean", "sum"},
+    "bias": {"joint", "separate"},
+}
+
 
 @dataclass
 class KFACRequest:

@@ -39,6 +39,20 @@ def available_adapters() -> dict[str, str | None]:
     return out
 
 
+def adapter_error(name: str, message: str) -> dict:
+    """One error record for an adapter that could not run at all."""
+    return {
+        "id": f"adapter[{name}]",
+        "check": "adapter",
+        "case": "",
+        "layer": None,
+        "family": "robustness",
+        "status": "error",
+        "message": message,
+        "implementation": name,
+    }
+
+
 def run_adapter(name: str, cases, time_limit: float, progress=None) -> list[dict]:
     """Records of one adapter (dicts with ``implementation``); never raises."""
     from kfac_oracle.harness import run
@@ -46,18 +60,7 @@ def run_adapter(name: str, cases, time_limit: float, progress=None) -> list[dict
     try:
         records = run(name, cases, time_limit=time_limit, progress=progress)
     except Exception as error:
-        return [
-            {
-                "id": f"adapter[{name}]",
-                "check": "adapter",
-                "case": "",
-                "layer": None,
-                "family": "robustness",
-                "status": "error",
-                "message": f"the adapter could not run: {error!r}",
-                "implementation": name,
-            }
-        ]
+        return [adapter_error(name, f"the adapter could not run: {error!r}")]
     out = []
     for r in records:
         d = r.as_dict()
@@ -86,18 +89,8 @@ def run_isolated(name: str, cases_pattern, time_limit: float) -> list[dict]:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if out.exists():
             return json.loads(out.read_text())
-        return [
-            {
-                "id": f"adapter[{name}]",
-                "check": "adapter",
-                "case": "",
-                "layer": None,
-                "family": "robustness",
-                "status": "error",
-                "message": f"subprocess exited {proc.returncode}: {proc.stderr[-500:]}",
-                "implementation": name,
-            }
-        ]
+        why = f"subprocess exited {proc.returncode}: {proc.stderr[-500:]}"
+        return [adapter_error(name, why)]
 
 
 def matrix_markdown(

@@ -25,7 +25,12 @@ import copy
 import torch
 
 from kfac_oracle.adapters._common import distribution_version
-from kfac_oracle.contract import DenseBlock, KFACRequest, KroneckerFactors
+from kfac_oracle.contract import (
+    FULL_CAPABILITIES,
+    DenseBlock,
+    KFACRequest,
+    KroneckerFactors,
+)
 
 FISHER = {
     "type-2": "type-2",
@@ -81,14 +86,7 @@ class CurvlinopsKFAC:
     """curvlinops' ``KFACLinearOperator`` factors (``G ⊗ A``, rvec)."""
 
     name = "curvlinops-kfac"
-    capabilities = {
-        "fisher_type": {"type-2", "mc", "empirical", "forward-only"},
-        "kfac_approx": {"expand", "reduce"},
-        "layers": {"Linear", "Conv2d"},
-        "losses": {"MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss"},
-        "reductions": {"mean", "sum"},
-        "bias": {"joint", "separate"},
-    }
+    capabilities = FULL_CAPABILITIES
 
     def compute(self, request: KFACRequest) -> dict[str, KroneckerFactors]:
         """Compute the factors and read them per module."""

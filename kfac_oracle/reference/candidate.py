@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kfac_oracle.contract import KFACRequest, KroneckerFactors
+from kfac_oracle.contract import FULL_CAPABILITIES, KFACRequest, KroneckerFactors
 from kfac_oracle.problem import Problem
 from kfac_oracle.reference.kfac import KFACSteps
 
@@ -15,14 +15,7 @@ class ReferenceKFAC:
     """
 
     name = "reference"
-    capabilities = {
-        "fisher_type": {"type-2", "mc", "empirical", "forward-only"},
-        "kfac_approx": {"expand", "reduce"},
-        "layers": {"Linear", "Conv2d"},
-        "losses": {"MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss"},
-        "reductions": {"mean", "sum"},
-        "bias": {"joint", "separate"},
-    }
+    capabilities = FULL_CAPABILITIES
     steps_class = KFACSteps
 
     def __init__(self, bias: str = "joint"):
