@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from kfac_oracle.catalogue import Case
 from kfac_oracle.checks.base import CheckItem, CheckSession, RequestKey, Unsupported
-from kfac_oracle.checks.compare import compare_blocks
+from kfac_oracle.checks.compare import compare_layer
 from kfac_oracle.checks.diagnose import diagnose_item, supported_or_raise
 
 FLAVOURS = ("type-2", "empirical", "forward-only")
@@ -44,15 +44,8 @@ def _item(case: Case, layer: str, fisher_type: str, approx: str) -> CheckItem:
                 "eigenvalue, so the eigenbasis (and EKFAC) depends on the solver"
             )
         reference = session.reference_blocks(case, fisher_type, approx, bias)[layer]
-        module = session.problem(case).model.get_submodule(layer)
-        session.plot_blocks[session.current_item] = (result.blocks[layer], reference)
-        return compare_blocks(
-            result.blocks[layer],
-            reference,
-            result.bias[layer],
-            module,
-            f"layer {layer} vs reference KFAC ({fisher_type}, {approx})",
-        )
+        what = f"layer {layer} vs reference KFAC ({fisher_type}, {approx})"
+        return compare_layer(session, case, layer, result, reference, what)
 
     return CheckItem(
         f"agree_{fisher_type}_{approx}",

@@ -26,6 +26,18 @@ def masked_reference(reference: Tensor, bias_mode: str, module) -> Tensor:
     return out
 
 
+def compare_layer(session, case, layer: str, result, reference: Tensor, what: str):
+    """Compare one layer of a candidate's result with a reference block.
+
+    Keeps both blocks for ``--plots`` (dropped again unless the check fails).
+    """
+    module = session.problem(case).model.get_submodule(layer)
+    session.plot_blocks[session.current_item] = (result.blocks[layer], reference)
+    return compare_blocks(
+        result.blocks[layer], reference, result.bias[layer], module, what
+    )
+
+
 def compare_blocks(
     candidate: Tensor,
     reference: Tensor,

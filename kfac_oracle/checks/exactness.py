@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from kfac_oracle.catalogue import Case, Claim
 from kfac_oracle.checks.base import CheckItem, CheckSession, RequestKey, Unsupported
-from kfac_oracle.checks.compare import compare_blocks
+from kfac_oracle.checks.compare import compare_layer
 from kfac_oracle.checks.diagnose import diagnose_item, supported_or_raise
 
 KIND = {"type-2": "ggn", "empirical": "empirical"}
@@ -38,15 +38,8 @@ def _item(case: Case, layer: str, claim: Claim) -> CheckItem:
         supported_or_raise(session.impl, case, claim.fisher_type, claim.kfac_approx)
         result = session.candidate(case, key)
         reference = session.exact_block(case, layer, KIND[claim.fisher_type])
-        module = session.problem(case).model.get_submodule(layer)
-        session.plot_blocks[session.current_item] = (result.blocks[layer], reference)
-        return compare_blocks(
-            result.blocks[layer],
-            reference,
-            result.bias[layer],
-            module,
-            f"layer {layer} vs exact {KIND[claim.fisher_type]} block ({claim.id})",
-        )
+        what = f"layer {layer} vs exact {KIND[claim.fisher_type]} block ({claim.id})"
+        return compare_layer(session, case, layer, result, reference, what)
 
     return CheckItem(
         name, "exactness", case, layer, run, diagnose_item(case, layer, key)
