@@ -1,6 +1,6 @@
 """Finding B1: BackPACK's Conv2d KFLR/KFAC weight block is H_out·W_out times too large.
 
-Setting where KFAC-expand is exact (notes §5 E5): a Conv2d whose output is the
+Setting where KFAC-expand is exact (catalogue claim E5): a Conv2d whose output is the
 per-pixel prediction, MSELoss. BackPACK 1.7.1 builds the gradient factor from the
 spatially *summed* output gradients (the bias GGN) but the input factor from the
 *sum* (not the mean) of the unfolded patch outer products, so the weight block is

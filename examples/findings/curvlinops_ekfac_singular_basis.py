@@ -2,7 +2,7 @@
 
 EKFAC (George et al. 2018) is Q diag(d) Qᵀ with Q = U_G ⊗ U_A the Kronecker
 eigenbasis and d = diag(Qᵀ B Q) re-fitted from per-datum gradients (B = the exact block
-of the same flavour, notes §5 E7). With a repeated eigenvalue (here: KFAC-reduce with
+of the same flavour, catalogue claim E7). With a repeated eigenvalue (here: KFAC-reduce with
 fewer data than inputs, so A has a zero eigenvalue of multiplicity > 1) the eigenbasis
 is not unique and the EKFAC matrix depends on that choice. curvlinops satisfies E7
 exactly in the basis it picked (torch.linalg.eigh), and a rotated basis of the same

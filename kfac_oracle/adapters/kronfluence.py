@@ -27,10 +27,12 @@ them back. Conventions, from the documentation and source:
   ``Q diag(Λ / N) Qᵀ`` with ``Q = U_G ⊗ U_A`` and ``Λ`` the sum over examples of the
   squared per-example gradients in that basis (``LambdaTracker``).
 
-Conversion to the canonical target ``L = R Σ_n ℓ_n`` (KFAC_NOTES §1): the library's
-matrix is the per-example average ``(1/N) Σ_n F_n`` of the summed loss, so ``G`` (and
-the EKFAC matrix) is multiplied by ``R · N``. No factor 2 for MSE: the Task uses
-PyTorch's ``MSELoss`` itself. Without weight sharing the row counts are ``N``.
+Conversion to the canonical target ``L = R Σ_n ℓ_n`` (README, Conventions): the
+library's matrix is the per-example average ``(1/N) Σ_n F_n`` of the summed loss, so
+``G`` (and the EKFAC matrix) is multiplied by ``R · N``. No factor 2 for MSE: the Task
+uses PyTorch's ``MSELoss`` itself. Without weight sharing the row counts are ``N``;
+with weight sharing they are ``N·S``, which the adapter reports as computed (finding
+kronfluence 1 in ``docs/adapters/kronfluence.md``).
 
 Side effects are isolated: ``Analyzer.prepare_model`` freezes parameters, switches
 to ``eval()`` and wraps modules, so it works on a deep copy; factors are written to
@@ -293,7 +295,7 @@ class KronfluenceEKFAC(_KronfluenceBase):
 
     name = "kronfluence-ekfac"
     _strategy = "ekfac"
-    # EKFAC, not KFAC: the harness compares it with the reference EKFAC (notes E7).
+    # EKFAC, not KFAC: the harness compares it with the reference EKFAC (claim E7).
     capabilities = {**_CAPS, "approximation": {"ekfac"}}
 
 
