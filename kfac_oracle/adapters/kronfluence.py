@@ -114,7 +114,10 @@ def _make_task(kronfluence: Any, loss_name: str, tracked: list[str]) -> Any:
             with torch.no_grad():
                 f = output.detach()
                 if loss_name == "CrossEntropyLoss":
-                    y = torch.multinomial(torch.softmax(f, dim=1), 1).squeeze(1)
+                    # classes in dim 1, one label per datum and position
+                    p = torch.softmax(f, dim=1).movedim(1, -1)
+                    y = torch.multinomial(p.reshape(-1, p.shape[-1]), 1)
+                    y = y.reshape(p.shape[:-1])
                 elif loss_name == "MSELoss":
                     y = torch.normal(f, std=math.sqrt(0.5))
                 else:
@@ -149,7 +152,7 @@ class _KronfluenceBase:
         with torch.no_grad():
             out = request.model(request.data[0][0][:1])
         if out.ndim not in caps["output_ndim"]:
-            raise NotImplementedError(f"{self.name}: model output must be (N, C)")
+            raise NotImplementedError(f"{self.name}: output ndim {out.ndim} not supported")
         if not modules:
             raise NotImplementedError(f"{self.name}: no Linear/Conv2d module requested")
 
@@ -271,7 +274,8 @@ _CAPS: dict[str, Any] = {
     "layers": {"Linear", "Conv2d"},
     "losses": {"CrossEntropyLoss", "MSELoss", "BCEWithLogitsLoss"},
     "reductions": {"mean", "sum"},
-    "output_ndim": {2},
+    # kronfluence documents sequence models (a loss "summed over batches and tokens").
+    "output_ndim": {2, 3},
 }
 
 
