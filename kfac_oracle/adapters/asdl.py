@@ -31,7 +31,9 @@ Fisher is an *average over* ``data_size`` *data* of the per-datum quantity, so t
 adapter runs with ``scale = 1``, ``data_size = N`` (the whole data set; batches are
 accumulated with ``accumulate=True``), which gives ``A = (1/N) Σ_n a aᵀ`` exactly as
 in the canonical form, and multiplies ``B`` by ``R · N`` (``N`` for sum, ``1/T``
-for mean). For MSE with ``fisher_exact``/``fisher_mc`` it also multiplies by 2:
+for mean). (A Linear layer on (N, S, D) inputs sums over all N·S rows, so with this
+``data_size`` its block is S times KFAC-expand: finding ASDL 4, reported as computed.)
+For MSE with ``fisher_exact``/``fisher_mc`` it also multiplies by 2:
 ASDL's ``mse`` is the Gaussian likelihood with ``var = 1`` (criterion
 ``½‖f − y‖²``), while PyTorch's ``MSELoss`` has Hessian ``2 I`` (a documented
 convention difference, like BackPACK's). ``var`` is left at its default 1. The

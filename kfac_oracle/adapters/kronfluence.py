@@ -152,7 +152,9 @@ class _KronfluenceBase:
         with torch.no_grad():
             out = request.model(request.data[0][0][:1])
         if out.ndim not in caps["output_ndim"]:
-            raise NotImplementedError(f"{self.name}: output ndim {out.ndim} not supported")
+            raise NotImplementedError(
+                f"{self.name}: output ndim {out.ndim} not supported"
+            )
         if not modules:
             raise NotImplementedError(f"{self.name}: no Linear/Conv2d module requested")
 
