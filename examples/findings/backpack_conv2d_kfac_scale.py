@@ -1,11 +1,13 @@
-"""Finding B1: BackPACK's Conv2d KFLR/KFAC weight block is H_out·W_out times too large.
+"""Finding B1 (known): BackPACK's Conv2d KFLR/KFAC weight block is G_reduce ⊗ S·A_expand.
 
-Setting where KFAC-expand is exact (notes §5 E5): a Conv2d whose output is the
+Setting where KFAC-expand is exact (catalogue claim E5): a Conv2d whose output is the
 per-pixel prediction, MSELoss. BackPACK 1.7.1 builds the gradient factor from the
 spatially *summed* output gradients (the bias GGN) but the input factor from the
 *sum* (not the mean) of the unfolded patch outer products, so the weight block is
 S = H_out·W_out times the exact GGN block. The bias block is exact. Source:
-backpack/extensions/secondorder/hbp/convnd.py (HBPConvNd.weight, TODO note about |T|).
+backpack/extensions/secondorder/hbp/convnd.py: the HBPConvNd.weight and
+_factor_from_sqrt docstrings document the factor |T| (BackPACK PR #290). Here the
+output is per-pixel, so G_reduce = G_expand and the block is S × KFAC-expand.
 
 Run: python examples/findings/backpack_conv2d_kfac_scale.py
 """

@@ -1,4 +1,4 @@
-"""Note B4 (documented approximation, not a bug): KFRA differs from KFLR.
+"""Finding B4 (documented convention): KFRA is a further approximation of KFLR.
 
 KFRA (Botev et al. 2017) backpropagates the batch-summed loss Hessian and averages
 over the batch after each layer, E[Jᵀ E[H] J] instead of E[Jᵀ H J]. It equals KFLR

@@ -3,10 +3,10 @@
 The BCE loss Hessian in the logits is diag(σ(f)(1−σ(f))): it does not depend on the
 targets, so the type-2 Fisher (= GGN) is well defined for soft targets y ∈ [0, 1].
 KFACLinearOperator(fisher_type="type-2") raises NotImplementedError ("Only binary
-targets ..."), a limitation; MC- and EF-KFAC accept them. The dense
+targets ..."); MC- and EF-KFAC accept them. The dense
 FisherMCLinearOperator rejects them too, although its labels are drawn from the model
-(the targets are never used).
-Side finding: after the exception, KFACLinearOperator leaves its forward hooks on the
+(the targets are never used). Fixed on curvlinops main by PR #257 (unreleased).
+Finding C6 (new, still on main): after the exception, KFACLinearOperator leaves its forward hooks on the
 model (no try/finally), so the next curvlinops operator on the same model fails with
 "RuntimeError: During a grad (vjp, jvp, grad, etc) transform ... in-place operation".
 Only curvlinops and torch. Run: python curvlinops_bce_soft_targets.py

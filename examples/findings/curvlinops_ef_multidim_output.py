@@ -1,7 +1,7 @@
 """curvlinops 3.0.1: the empirical Fisher treats each output position as a datum.
 
 For outputs of shape (N, S, C) with a loss term per position, the EF of the summed
-loss is R Σ_n ∇ℓ_n ∇ℓ_nᵀ with ℓ_n = Σ_s ℓ_{n,s} (one gradient per datum, notes §2).
+loss is R Σ_n ∇ℓ_n ∇ℓ_nᵀ with ℓ_n = Σ_s ℓ_{n,s} (one gradient per datum).
 EFLinearOperator (and EF-KFAC, which uses the same per-row gradients) flattens the
 output to (N·S, C) and forms R Σ_{n,s} ∇ℓ_{n,s} ∇ℓ_{n,s}ᵀ, dropping the cross-position
 terms. Both are "empirical Fishers"; they coincide for 2-D outputs (S = 1).

@@ -2,11 +2,11 @@
 
 EKFAC (George et al. 2018) is Q diag(d) Qᵀ with Q = U_G ⊗ U_A the Kronecker
 eigenbasis and d = diag(Qᵀ B Q) re-fitted from per-datum gradients (B = the exact block
-of the same flavour, notes §5 E7). With a repeated eigenvalue (here: KFAC-reduce with
+of the same flavour, catalogue claim E7). With a repeated eigenvalue (here: KFAC-reduce with
 fewer data than inputs, so A has a zero eigenvalue of multiplicity > 1) the eigenbasis
 is not unique and the EKFAC matrix depends on that choice. curvlinops satisfies E7
 exactly in the basis it picked (torch.linalg.eigh), and a rotated basis of the same
-eigenspaces gives another, equally valid, EKFAC block. A non-uniqueness, not a bug:
+eigenspaces gives another, equally valid, EKFAC block. A non-uniqueness, not a finding about curvlinops:
 compare EKFAC implementations only where the factors are non-singular (or in a common
 basis).
 Only curvlinops, torch and torch.func. Run: python curvlinops_ekfac_singular_basis.py

@@ -5,6 +5,8 @@ a float32 tensor, and draws ``2 * normal(mean, std)``; for a float64 model the
 samples are scaled by fl32(√½)/√½ and the MC Fisher (quadratic in them) by
 (fl32(√½)/√½)² = 1 − 3.4e-8: far above float64 rounding (1e-16), below float32's.
 (KFACLinearOperator's own MC sampling uses the Python float sqrt(0.5): not affected.)
+Fixed on curvlinops main (PR #235 builds the std with the output's dtype; PR #255
+replaces FisherMCLinearOperator), unreleased.
 Only curvlinops and torch. Run: python curvlinops_mc_mse_float32_std.py
 """
 

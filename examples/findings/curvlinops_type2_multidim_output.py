@@ -2,7 +2,7 @@
 
 For an output of shape (N, S, C) (a loss term per position), the type-2 gradient factor
 should come from the columns of a symmetric square root of each datum's loss Hessian,
-one vector per (position, class) (notes §4). KFACLinearOperator flattens the output to
+one vector per (position, class). KFACLinearOperator flattens the output to
 (N·S, C) and backpropagates each class column e_k at *all* S positions at once,
 i.e. the vector Σ_s' e_(s',k). That adds cross-position terms absent from the GGN:
 

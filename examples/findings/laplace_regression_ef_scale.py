@@ -9,7 +9,7 @@ KronLaplace with the EF backends (CurvlinopsEF, AsdlEF) returns
 that is quadratic in the loss scale (AsdlInterface.kron even calls 0.5 the "correct
 scaling").
 
-With one datum EF-KFAC equals the EF block exactly (notes §5 E1), so the comparison
+With one datum EF-KFAC equals the EF block exactly (catalogue claim E1), so the comparison
 below is exact.
 
 Run: python examples/findings/laplace_regression_ef_scale.py

@@ -1,6 +1,6 @@
 """nngeometry 0.4: float64 models need torch's default dtype to be float64.
 
-1. FIM(variant='classif_logits') builds its triangular helper with the default dtype
+1. FIM(variant='classif_logits') builds its triangular matrix with the default dtype
    (metrics.py, function_fim: torch.ones(...) without dtype) and crashes on a
    float64 model: "expected m1 and m2 to have the same dtype".
 2. The failed call leaves its hooks on the model (no try/finally around the hooks in
@@ -9,6 +9,7 @@
 3. PMatKFAC.to_torch allocates the dense matrix with the default dtype
    (object/pspace.py: torch.zeros((s, s), device=...)), silently rounding a float64
    KFAC to float32.
+1 and 2 are fixed on nngeometry main (commit b602bf2, PR #128), unreleased; 3 is not.
 Run: python nngeometry_float64_default_dtype.py
 """
 

@@ -8,7 +8,18 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = ("curvlinops", "backpack", "asdl", "nngeometry", "laplace", "kronfluence")
+MODULES = (
+    "curvlinops",
+    "backpack",
+    "asdl",
+    "nngeometry",
+    "laplace",
+    "kronfluence",
+    "dattri",
+    "singd",
+    "modelgeometry",
+    "approxngd",
+)
 
 # The PyPI distribution behind each adapter module (for versions and install hints).
 DISTRIBUTIONS = {
@@ -18,6 +29,10 @@ DISTRIBUTIONS = {
     "nngeometry": "nngeometry",
     "laplace": "laplace-torch",
     "kronfluence": "kronfluence",
+    "dattri": "dattri",
+    "singd": "singd",
+    "modelgeometry": "modelgeometry",
+    "approxngd": "approxngd",
 }
 
 

@@ -26,12 +26,14 @@ loss_type = 'mse'"):
   ``fisher_emp``: the gradient of the user's loss (reduction forced to ``sum``,
   ``GradientMaker._call_loss_fn``) at the true labels.
 
-Conversion to the canonical target ``L = R Σ_n ℓ_n`` (KFAC_NOTES §1, §4). ASDL's
+Conversion to the canonical target ``L = R Σ_n ℓ_n`` (README, Conventions). ASDL's
 Fisher is an *average over* ``data_size`` *data* of the per-datum quantity, so this
 adapter runs with ``scale = 1``, ``data_size = N`` (the whole data set; batches are
 accumulated with ``accumulate=True``), which gives ``A = (1/N) Σ_n a aᵀ`` exactly as
 in the canonical form, and multiplies ``B`` by ``R · N`` (``N`` for sum, ``1/T``
-for mean). For MSE with ``fisher_exact``/``fisher_mc`` it also multiplies by 2:
+for mean). (A Linear layer on (N, S, D) inputs sums over all N·S rows, so with this
+``data_size`` its block is S times KFAC-expand: finding ASDL 4, reported as computed.)
+For MSE with ``fisher_exact``/``fisher_mc`` it also multiplies by 2:
 ASDL's ``mse`` is the Gaussian likelihood with ``var = 1`` (criterion
 ``½‖f − y‖²``), while PyTorch's ``MSELoss`` has Hessian ``2 I`` (a documented
 convention difference, like BackPACK's). ``var`` is left at its default 1. The
@@ -88,7 +90,7 @@ def library_version() -> str | None:
 
 
 def _terms_per_datum(request: KFACRequest) -> int:
-    """Number ``T`` of loss terms per datum (KFAC_NOTES §1)."""
+    """Number ``T`` of loss terms per datum (README, Conventions)."""
     model_output = _first_output(request)
     if request.loss_name == "CrossEntropyLoss":
         return math.prod(model_output.shape[2:]) if model_output.ndim > 2 else 1
@@ -119,8 +121,19 @@ class _AsdlKron:
         """Raise ``NotImplementedError`` for requests outside the capabilities."""
         caps = self.capabilities
         check_flavour(self.name, caps, request)
-        if _first_output(request).ndim not in caps["output_ndim"]:
-            raise NotImplementedError(f"{self.name}: model output must be (N, C)")
+        ndim = _first_output(request).ndim
+        if ndim not in caps["output_ndim"]:
+            raise NotImplementedError(f"{self.name}: output ndim {ndim} not supported")
+        if (
+            ndim > 2
+            and request.loss_name == "CrossEntropyLoss"
+            and self._asdl_fisher_type != "fisher_emp"
+        ):
+            # ASDL's own cross-entropy (FisherExact/MCCrossEntropy) takes the classes
+            # last (``view(-1, C)``); PyTorch's CrossEntropyLoss takes them in dim 1.
+            raise NotImplementedError(
+                f"{self.name}: ASDL's cross-entropy Fisher expects classes last"
+            )
         for name, mod in request.model.named_modules():
             if isinstance(mod, nn.Conv2d) and (
                 mod.dilation != (1, 1)
@@ -204,7 +217,9 @@ _COMMON_CAPS: dict[str, Any] = {
     "kfac_approx": {"expand"},
     "layers": {"Linear", "Conv2d"},
     "reductions": {"mean", "sum"},
-    "output_ndim": {2},
+    # Sequence outputs (N, S, C): ASDL's Linear handles (N, S, D) inputs and its loss
+    # terms are per output entry (MSE) or per row of ``view(-1, C)`` (CE, classes last).
+    "output_ndim": {2, 3},
 }
 
 

@@ -166,8 +166,14 @@ class _BackpackBase:
         backpack = _import_backpack()
 
         # BackPACK's `extend` installs hooks and stores inputs on the modules: work on
-        # copies so the caller's model and loss stay untouched.
-        model = backpack.extend(copy.deepcopy(request.model))
+        # copies so the caller's model and loss stay untouched. In-place activations
+        # are incompatible with the full backward hooks; BackPACK's documented remedy
+        # is its converter, `extend(model, use_converter=True)` (its "inplace ->
+        # normal" transformation), used here only for models that need it.
+        model = backpack.extend(
+            copy.deepcopy(request.model),
+            use_converter=_has_inplace_module(request.model),
+        )
         loss_func = backpack.extend(copy.deepcopy(request.loss_func))
         wanted = _wanted_modules(model, tuple(request.layers))
         num_data = request.num_data
@@ -225,6 +231,11 @@ class _BackpackBase:
         return result
 
 
+def _has_inplace_module(model: nn.Module) -> bool:
+    """Whether a module of ``model`` computes in place (e.g. ``ReLU(inplace=True)``)."""
+    return any(getattr(module, "inplace", False) for module in model.modules())
+
+
 def _accumulate(entry: dict[str, Tensor], key: str, value: Tensor) -> None:
     """Add ``value`` to ``entry[key]`` (creating it on first use)."""
     entry[key] = value.contiguous().clone() if key not in entry else entry[key] + value
@@ -248,7 +259,7 @@ class BackpackKFLR(_BackpackBase):
     ``G = Σ_n Σ_c s_{n,c} s_{n,c}ᵀ`` with ``s`` the backpropagated columns of a
     symmetric square root of ``R·H_n`` (``LossHessianStrategy.EXACT``, ``SQRT``
     backpropagation), ``A = (1/N) Σ_n a aᵀ``. Exact wherever type-2 KFAC is exact
-    (notes §5 E1, E2) for Linear layers.
+    (catalogue claims E1, E2) for Linear layers.
     """
 
     name = "backpack-kflr"

@@ -5,7 +5,7 @@ Documented conventions (``curvlinops/kfac.py``, ``KFACLinearOperator.__init__`` 
 
 - The loss is the loss module's over the whole data set, with ``reduction`` mean or
   sum; for MSE/BCE the mean also runs over output entries (``num_per_example_loss_
-  terms``), as in notes §1.
+  terms``), as in the README's Conventions.
 - After ``compute_kronecker_factors()``, ``_input_covariances[module]`` is ``A``
   (``(1/N) Σ a aᵀ``, expand: ``1/(N·S)``; with ``separate_weight_and_bias=False`` the
   input carries a trailing 1, i.e. bias as the last column) and

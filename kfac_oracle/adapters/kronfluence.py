@@ -27,10 +27,12 @@ them back. Conventions, from the documentation and source:
   ``Q diag(Λ / N) Qᵀ`` with ``Q = U_G ⊗ U_A`` and ``Λ`` the sum over examples of the
   squared per-example gradients in that basis (``LambdaTracker``).
 
-Conversion to the canonical target ``L = R Σ_n ℓ_n`` (KFAC_NOTES §1): the library's
-matrix is the per-example average ``(1/N) Σ_n F_n`` of the summed loss, so ``G`` (and
-the EKFAC matrix) is multiplied by ``R · N``. No factor 2 for MSE: the Task uses
-PyTorch's ``MSELoss`` itself. Without weight sharing the row counts are ``N``.
+Conversion to the canonical target ``L = R Σ_n ℓ_n`` (README, Conventions): the
+library's matrix is the per-example average ``(1/N) Σ_n F_n`` of the summed loss, so
+``G`` (and the EKFAC matrix) is multiplied by ``R · N``. No factor 2 for MSE: the Task
+uses PyTorch's ``MSELoss`` itself. Without weight sharing the row counts are ``N``;
+with weight sharing they are ``N·S``, which the adapter reports as computed (finding
+kronfluence 1 in ``docs/adapters/kronfluence.md``).
 
 Side effects are isolated: ``Analyzer.prepare_model`` freezes parameters, switches
 to ``eval()`` and wraps modules, so it works on a deep copy; factors are written to
@@ -112,7 +114,10 @@ def _make_task(kronfluence: Any, loss_name: str, tracked: list[str]) -> Any:
             with torch.no_grad():
                 f = output.detach()
                 if loss_name == "CrossEntropyLoss":
-                    y = torch.multinomial(torch.softmax(f, dim=1), 1).squeeze(1)
+                    # classes in dim 1, one label per datum and position
+                    p = torch.softmax(f, dim=1).movedim(1, -1)
+                    y = torch.multinomial(p.reshape(-1, p.shape[-1]), 1)
+                    y = y.reshape(p.shape[:-1])
                 elif loss_name == "MSELoss":
                     y = torch.normal(f, std=math.sqrt(0.5))
                 else:
@@ -147,7 +152,9 @@ class _KronfluenceBase:
         with torch.no_grad():
             out = request.model(request.data[0][0][:1])
         if out.ndim not in caps["output_ndim"]:
-            raise NotImplementedError(f"{self.name}: model output must be (N, C)")
+            raise NotImplementedError(
+                f"{self.name}: output ndim {out.ndim} not supported"
+            )
         if not modules:
             raise NotImplementedError(f"{self.name}: no Linear/Conv2d module requested")
 
@@ -269,7 +276,8 @@ _CAPS: dict[str, Any] = {
     "layers": {"Linear", "Conv2d"},
     "losses": {"CrossEntropyLoss", "MSELoss", "BCEWithLogitsLoss"},
     "reductions": {"mean", "sum"},
-    "output_ndim": {2},
+    # kronfluence documents sequence models (a loss "summed over batches and tokens").
+    "output_ndim": {2, 3},
 }
 
 
@@ -293,7 +301,7 @@ class KronfluenceEKFAC(_KronfluenceBase):
 
     name = "kronfluence-ekfac"
     _strategy = "ekfac"
-    # EKFAC, not KFAC: the harness compares it with the reference EKFAC (notes E7).
+    # EKFAC, not KFAC: the harness compares it with the reference EKFAC (claim E7).
     capabilities = {**_CAPS, "approximation": {"ekfac"}}
 
 

@@ -284,6 +284,13 @@ class LaplaceKronBackpack(_LaplaceKronBase):
             raise NotImplementedError(
                 f"{self.name}: the BackPACK backend draws exactly one MC sample"
             )
+        if any(getattr(m, "inplace", False) for m in request.model.modules()):
+            # BackPACK documents in-place operations as incompatible with the full
+            # backward hooks of `extend`; laplace's backend calls `extend(model)`
+            # without BackPACK's converter, so there is no documented remedy here.
+            raise NotImplementedError(
+                f"{self.name}: in-place modules (BackPACK's hooks reject them)"
+            )
 
 
 class LaplaceKronAsdl(_LaplaceKronBase):

@@ -24,7 +24,7 @@ expectation over ``y | x``) and ``FIM_MonteCarlo`` (sampled ``y``), both returni
   (George et al.'s re-fitted eigenvalues; without it the diagonal is the KFAC one).
   ``PMatEKFAC.mv`` applies ``(U_g ⊗ U_a) diag(d) (U_g ⊗ U_a)ᵀ`` to rvec([W | b]).
 
-Conversion to the canonical target ``L = R Σ_n ℓ_n`` (KFAC_NOTES §1): nngeometry's
+Conversion to the canonical target ``L = R Σ_n ℓ_n`` (README, Conventions): nngeometry's
 matrix is ``(1/N) Σ_n F_n``, so ``G`` is multiplied by ``R · N · k`` with ``k = 2``
 for MSE (identity-covariance Gaussian vs. PyTorch's ``‖f − y‖²``) and ``k = 1``
 otherwise. Bias is ``"joint"`` (``a`` already holds the 1). EKFAC is returned as a
@@ -275,7 +275,7 @@ class NngeometryEKFAC(_NngeometryBase):
 
     name = "nngeometry-ekfac"
     _ekfac = True
-    # EKFAC, not KFAC: the harness compares it with the reference EKFAC (notes E7).
+    # EKFAC, not KFAC: the harness compares it with the reference EKFAC (claim E7).
     capabilities = {**_CAPS, "approximation": {"ekfac"}}
 
 
