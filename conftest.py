@@ -1,7 +1,13 @@
-"""Shared pytest configuration: float64 by default in our own tests."""
+"""Shared pytest configuration of the project's own tests.
+
+Each test process uses one intra-op thread: the catalogue's problems are tiny, and on
+a 2-core machine (or under pytest-xdist) OpenMP threads only wait for each other.
+"""
 
 import pytest
 import torch
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -16,7 +22,7 @@ def _deterministic_torch():
 def pytest_terminal_summary(terminalreporter):
     """Print the mutation score when the mutation meta-tests ran."""
     try:
-        from tests.test_mutation import SCORE
+        from tests.test_mutation import SCORE, WITNESS
     except ImportError:
         return
     if SCORE:
@@ -27,5 +33,6 @@ def pytest_terminal_summary(terminalreporter):
             f"({100 * caught / len(SCORE):.0f}%)"
         )
         for name, ok in SCORE.items():
-            if not ok:
-                terminalreporter.write_line(f"  survived: {name}")
+            where = f" (first caught on {WITNESS[name]})" if name in WITNESS else ""
+            state = "caught" if ok else "SURVIVED"
+            terminalreporter.write_line(f"  {state}: {name}{where}")

@@ -219,15 +219,6 @@ def device_params(config):
 # Implementations
 # ----------------------------------------------------------------------------------
 
-ADAPTER_MODULES = (
-    "curvlinops",
-    "backpack",
-    "asdl",
-    "nngeometry",
-    "kronfluence",
-    "laplace",
-)
-
 
 @dataclass
 class ImplEntry:
@@ -244,42 +235,29 @@ class ImplEntry:
     unavailable: str | None = None
 
 
-def _library_available(module) -> str | None:
-    version = getattr(module, "library_version", None)
-    if version is None:
-        return None
-    try:
-        if version() is None:
-            return f"library of {module.__name__} is not installed"
-    except Exception as error:  # noqa: BLE001 - any failure means unavailable
-        return f"{module.__name__}.library_version() failed: {error}"
-    return None
-
-
 def builtin_implementations() -> list[ImplEntry]:
-    """The reference and every adapter (skipped when its library is missing).
+    """The reference and every registered adapter (skipped when its library is
+    missing).
 
-    EKFAC adapters (``capabilities["approximation"]`` without ``"kfac"``) return
-    dense blocks of the whole operator and are not KFAC-factor benchmarks; they are
-    listed as skipped.
+    EKFAC adapters (an ``approximation`` capability other than ``kfac``) return dense
+    blocks of the whole operator and are not KFAC-factor benchmarks; they are listed
+    as skipped.
     """
-    from kfac_oracle.reference.candidate import ReferenceKFAC
+    from kfac_oracle.capabilities import Capabilities
+    from kfac_oracle.implementations import implementations
 
-    entries = [ImplEntry("reference", ReferenceKFAC)]
-    for short in ADAPTER_MODULES:
-        try:
-            module = importlib.import_module(f"kfac_oracle.adapters.{short}")
-        except ImportError:
+    entries = []
+    for name, impl in implementations().items():
+        if name == "reference-separate":
             continue
-        reason = _library_available(module)
-        for name, cls in getattr(module, "ADAPTERS", {}).items():
-            approx = getattr(cls, "capabilities", {}).get("approximation")
-            if approx is not None and "kfac" not in approx:
-                entries.append(
-                    ImplEntry(name, None, f"{name} is not KFAC ({sorted(approx)})")
-                )
-                continue
-            entries.append(ImplEntry(name, None if reason else cls, reason))
+        reason = impl.unavailable()
+        if reason is None:
+            caps = Capabilities.from_mapping(
+                getattr(impl.factory, "capabilities", None)
+            )
+            if caps.approximation_name != "kfac":
+                reason = f"{name} is not KFAC ({caps.approximation_name})"
+        entries.append(ImplEntry(name, None if reason else impl.factory, reason))
     return entries
 
 
@@ -308,24 +286,17 @@ def load_external(spec: str) -> list[ImplEntry]:
 
 def unsupported(impl, problem: BenchProblem, fisher_type: str, approx: str):
     """Why ``impl``'s capabilities exclude this combination, or ``None``."""
-    caps = getattr(impl, "capabilities", {}) or {}
-    checks = [
-        ("fisher_type", fisher_type),
-        ("kfac_approx", approx),
-        ("losses", problem.loss),
-        ("reductions", "mean"),
-    ]
-    for key, value in checks:
-        allowed = caps.get(key)
-        if allowed is not None and value not in allowed:
-            return f"{key} {value!r} not in capabilities {sorted(allowed)}"
-    layers = caps.get("layers")
-    if layers is not None and not problem.layer_kinds <= set(layers):
-        return f"layers {sorted(problem.layer_kinds - set(layers))} not supported"
-    ndims = caps.get("output_ndim")
-    if ndims is not None and problem.output_ndim not in ndims:
-        return f"output ndim {problem.output_ndim} not in capabilities {sorted(ndims)}"
-    return None
+    from kfac_oracle.capabilities import Capabilities
+
+    caps = Capabilities.from_mapping(getattr(impl, "capabilities", None))
+    return caps.excludes(
+        loss=problem.loss,
+        reduction="mean",
+        fisher_type=fisher_type,
+        kfac_approx=approx,
+        layers=problem.layer_kinds,
+        output_ndim=problem.output_ndim,
+    )
 
 
 def make_request(model, loss_func, data, fisher_type, approx) -> KFACRequest:

@@ -58,7 +58,7 @@ STATUS=${PIPESTATUS[0]}
 echo "pytest exit status: ${STATUS}" | tee -a "$OUT/run.log"
 
 if [ -f "$JSON" ]; then
-  "$PY" -m kfac_oracle.bench --report-only "$JSON" --out "$OUT" || true
+  "$PY" -m benchmarks.bench --report-only "$JSON" --out "$OUT" || true
   cat "$OUT/benchmarks.md" 2>/dev/null | head -n 40
 fi
 exit "$STATUS"

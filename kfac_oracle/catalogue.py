@@ -5,7 +5,8 @@ files live in the project's ``cases/`` folder (shipped inside the installed pack
 ``kfac_oracle/_cases``). Users add their own with ``KFAC_ORACLE_CASES`` (paths to
 files or folders separated by ``os.pathsep``) or the command line's ``--case-file``.
 
-Claims (notes §5) are per layer. A :class:`Claim` says whether the reference KFAC of a
+Claims (docs/theory.md §5) are per layer. A :class:`Claim` says whether the reference
+KFAC of a
 flavour equals the matching exact block (``statement="kfac"``): type-2 ↔ GGN,
 empirical ↔ empirical Fisher, mc ↔ MC Fisher for the same samples; whether the per-layer
 Hessian block equals the GGN block (``"hessian"``, E8); whether MC-KFAC converges to
@@ -16,14 +17,20 @@ provably differ and the gap must be clear. E7 (EKFAC's diagonal equals
 
 from __future__ import annotations
 
-import fnmatch
 import importlib.util
 import os
+import re
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
+from kfac_oracle.capabilities import LOSSES, REDUCTIONS
+from kfac_oracle.errors import CaseError, UsageError
+from kfac_oracle.flavours import FisherType, KFACApprox
 from kfac_oracle.models import build_model, describe
 from kfac_oracle.problem import Problem
 
@@ -39,6 +46,8 @@ EQUIVALENCES = {
     "N": "negative: KFAC differs from the exact block",
 }
 STATEMENTS = ("kfac", "hessian", "mc_convergence")
+SETTINGS = ("none", "expand", "reduce")
+TARGETS = ("default", "soft", "binary")
 
 
 @dataclass(frozen=True)
@@ -137,13 +146,16 @@ class Case:
         """The :class:`Problem`: model, loss module and seeded batches."""
         model = self.build_model(dtype).to(device)
         loss_func = getattr(torch.nn, self.loss)(reduction=self.reduction)
+        # Data are drawn in float32 on the CPU from the case's seed, then converted:
+        # independent of torch's default dtype and device.
         generator = torch.Generator().manual_seed(self.seed + 1)
         N = self.num_data
+        f32 = torch.float32
         if self.identical_data:
-            X = torch.randn((1, *self.input_shape), generator=generator)
+            X = torch.randn((1, *self.input_shape), generator=generator, dtype=f32)
             X = X.expand(N, *self.input_shape).clone()
         else:
-            X = torch.randn((N, *self.input_shape), generator=generator)
+            X = torch.randn((N, *self.input_shape), generator=generator, dtype=f32)
         X = X.to(dtype=dtype, device=device)
         with torch.no_grad():
             out_shape = model(X[:1]).shape[1:]
@@ -158,13 +170,14 @@ class Case:
         return Problem(model, loss_func, data)
 
     def _targets(self, out_shape, N, generator):
+        f32 = torch.float32
         if self.loss == "CrossEntropyLoss":
             C = out_shape[0]
             return torch.randint(0, C, (N, *out_shape[1:]), generator=generator)
         if self.loss == "BCEWithLogitsLoss":
-            p = torch.rand((N, *out_shape), generator=generator)
+            p = torch.rand((N, *out_shape), generator=generator, dtype=f32)
             return p if self.targets == "soft" else (p > 0.5).to(p.dtype)
-        return torch.randn((N, *out_shape), generator=generator)
+        return torch.randn((N, *out_shape), generator=generator, dtype=f32)
 
     @property
     def layers(self) -> list[str]:
@@ -172,6 +185,23 @@ class Case:
         return [
             str(i) for i, s in enumerate(self.model) if s[0] in ("Linear", "Conv2d")
         ]
+
+    @property
+    def layer_kinds(self) -> set[str]:
+        """The module kinds of :attr:`layers` (``"Linear"``, ``"Conv2d"``)."""
+        return {self.model[int(name)][0] for name in self.layers}
+
+    @property
+    def output_ndim(self) -> int:
+        """The model output's number of dimensions, batch included (cached)."""
+        cached = self.__dict__.get("_output_ndim")
+        if cached is None:
+            problem = self.build()
+            X, _ = problem.data[0]
+            with torch.no_grad():
+                cached = problem.model(X[:1]).ndim
+            self.__dict__["_output_ndim"] = cached
+        return cached
 
     def num_params(self) -> int:
         """Number of parameters of the model."""
@@ -211,42 +241,162 @@ def builtin_case_dir() -> Path:
 
 
 def _case_files(path: Path) -> list[Path]:
+    """The case files of a file or folder.
+
+    In a folder, only ``*.py`` files that mention ``CASES`` are loaded (a folder may
+    hold other scripts, which must not be executed); names starting with ``_`` are
+    skipped.
+    """
     if path.is_dir():
-        return sorted(p for p in path.glob("*.py") if not p.name.startswith("_"))
+        return sorted(
+            p
+            for p in path.glob("*.py")
+            if not p.name.startswith("_") and _CASES_NAME.search(_read(p))
+        )
     if path.is_file():
         return [path]
-    raise FileNotFoundError(f"case file or folder not found: {path}")
+    raise CaseError(f"case file or folder not found: {path}")
+
+
+_CASES_NAME = re.compile(r"\bCASES\b")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+_LOADED: dict[tuple[str, float], list[Case]] = {}
 
 
 def load_case_file(path: str | os.PathLike) -> list[Case]:
-    """Import a case file and return its ``CASES``."""
+    """Import a case file, validate its ``CASES`` and return them (cached per file).
+
+    Raises:
+        CaseError: Naming the file (and the case) for a file that does not import,
+            does not define ``CASES`` as a list of :class:`Case`, or defines an
+            invalid case (:func:`validate_case`).
+    """
     path = Path(path)
+    try:
+        key = (str(path.resolve()), path.stat().st_mtime)
+    except OSError as error:
+        raise CaseError(f"cannot read case file {path}: {error}") from None
+    if key in _LOADED:
+        return _LOADED[key]
     spec = importlib.util.spec_from_file_location(
         f"kfac_oracle_cases_{path.stem}", path
     )
+    if spec is None or spec.loader is None:
+        raise CaseError(f"{path} is not a Python file")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except KeyboardInterrupt:
+        raise
+    except CaseError:
+        raise
+    except BaseException as error:  # noqa: BLE001 - user code may raise anything
+        raise CaseError(f"{path}: the case file raised {_describe(error)}") from error
     cases = getattr(module, "CASES", None)
     if not isinstance(cases, list) or not all(isinstance(c, Case) for c in cases):
-        raise ValueError(
-            f"{path} must define CASES, a list of kfac_oracle Case objects"
-        )
+        raise CaseError(f"{path} must define CASES, a list of kfac_oracle Case objects")
+    for case in cases:
+        validate_case(case, str(path))
+    _LOADED[key] = cases
     return cases
+
+
+def _describe(error: BaseException) -> str:
+    lines = traceback.format_exception_only(type(error), error)
+    return " ".join(line.strip() for line in lines if line.strip())
+
+
+def validate_case(case: Case, origin: str = "case") -> None:
+    """Check a case's fields, claims and model; raise :class:`CaseError` if invalid.
+
+    The model is built and run on the first datum, so a shape that does not fit the
+    model, an unknown layer kind or loss, or targets the loss rejects are caught when
+    the case is loaded, not in the middle of a run.
+    """
+    where = f"{origin}: case {case.id!r}"
+
+    def fail(message: str) -> NoReturn:
+        raise CaseError(f"{where}: {message}")
+
+    if not isinstance(case.id, str) or not case.id:
+        fail("id must be a non-empty string")
+    if case.loss not in LOSSES:
+        fail(f"unknown loss {case.loss!r}; supported: {', '.join(LOSSES)}")
+    if case.reduction not in REDUCTIONS:
+        fail(f"unknown reduction {case.reduction!r}; use 'mean' or 'sum'")
+    if case.setting not in SETTINGS:
+        fail(f"unknown setting {case.setting!r}; use one of {', '.join(SETTINGS)}")
+    if case.targets not in TARGETS:
+        fail(f"unknown targets {case.targets!r}; use one of {', '.join(TARGETS)}")
+    sizes = case.batch_sizes
+    if (
+        not isinstance(sizes, tuple | list)
+        or not sizes
+        or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes
+        )
+    ):
+        fail(f"batch_sizes must be a non-empty tuple of positive ints, got {sizes!r}")
+    if not isinstance(case.model, list | tuple) or not case.model:
+        fail("model must be a non-empty list of layer specs")
+    layers = set(case.layers)
+    if not layers:
+        fail("the model has no Linear or Conv2d layer")
+    if not isinstance(case.claims, dict):
+        fail("claims must be a dict {layer name: [Claim, ...]}")
+    for layer, claims in case.claims.items():
+        if layer not in layers:
+            fail(f"claims name layer {layer!r}, which is not one of {sorted(layers)}")
+        for claim in claims:
+            if not isinstance(claim, Claim):
+                fail(f"layer {layer!r}: claims must be Claim objects, got {claim!r}")
+            _validate_claim(claim, fail)
+    try:
+        case.build()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # noqa: BLE001 - report any failure to build
+        fail(f"cannot build its problem: {_describe(error)}")
+
+
+def _validate_claim(claim: Claim, fail: Callable[[str], NoReturn]) -> None:
+    if claim.equivalence not in EQUIVALENCES:
+        known = ", ".join(EQUIVALENCES)
+        fail(f"unknown equivalence {claim.equivalence!r}; use one of {known}")
+    if claim.statement not in STATEMENTS:
+        fail(
+            f"unknown statement {claim.statement!r}; use one of {', '.join(STATEMENTS)}"
+        )
+    try:
+        FisherType.parse(claim.fisher_type, "fisher_type")
+        KFACApprox.parse(claim.kfac_approx, "kfac_approx")
+    except UsageError as error:
+        fail(f"claim {claim.id}: {error}")
 
 
 def load_cases(
     pattern: str | None = None, extra_files: list[str] | None = None
 ) -> list[Case]:
-    """All built-in and user cases, optionally filtered by an fnmatch ``pattern``.
+    """All built-in and user cases, optionally filtered by a ``pattern``.
 
     Args:
-        pattern: Shell-style pattern on case ids or families (comma-separated
-            alternatives), e.g. ``"deep_linear*,conv*"``.
+        pattern: Patterns on case ids or families (comma-separated alternatives,
+            ``*`` and ``?`` wildcards), e.g. ``"deep_linear*,conv*"``.
         extra_files: More case files or folders (besides ``KFAC_ORACLE_CASES``).
 
     Raises:
-        ValueError: If two cases share an id.
+        CaseError: For an invalid case file or case, or two cases with one id.
     """
+    from kfac_oracle.runner.selection import matches, split_patterns
+
     sources = [builtin_case_dir()]
     env = os.environ.get("KFAC_ORACLE_CASES")
     if env:
@@ -259,16 +409,14 @@ def load_cases(
     seen = set()
     for case in cases:
         if case.id in seen:
-            raise ValueError(f"duplicate case id {case.id!r}")
+            raise CaseError(f"duplicate case id {case.id!r}")
         seen.add(case.id)
-    if pattern:
-        pats = [p.strip() for p in pattern.split(",") if p.strip()]
+    pats = split_patterns(pattern)
+    if pats:
         cases = [
             c
             for c in cases
-            if any(
-                fnmatch.fnmatch(c.id, p) or fnmatch.fnmatch(c.family, p) for p in pats
-            )
+            if any(matches(c.id, p) or matches(c.family, p) for p in pats)
         ]
     return cases
 
@@ -278,7 +426,7 @@ def get_case(case_id: str) -> Case:
     for case in load_cases():
         if case.id == case_id:
             return case
-    raise KeyError(f"no case with id {case_id!r}")
+    raise CaseError(f"no case with id {case_id!r}")
 
 
 # Helpers for case files ------------------------------------------------------------

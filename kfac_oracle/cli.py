@@ -1,25 +1,44 @@
 """The ``kfac-oracle`` command line.
 
-Subcommands: ``cases`` (the catalogue), ``check`` (conformance of one
-implementation), ``matrix`` (every library adapter), ``bench`` (benchmarks).
-Exit status: 0 success, 1 failed or errored checks, 2 usage errors.
+Subcommands: ``cases`` (the catalogue), ``checks`` (every check and the statement it
+tests), ``check`` (conformance of one implementation), ``matrix`` (every library
+adapter).
+
+Exit status: 0 when every selected check passed or was unsupported and at least one
+passed; 1 when a check failed or errored, or when nothing passed (unless
+``--allow-nothing-passed``); 2 for usage errors (the message names what is wrong);
+3 for an internal error of kfac-oracle; 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kfac_oracle.errors import UsageError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
-def _cmd_cases(args) -> int:
+def _cmd_cases(args: argparse.Namespace) -> int:
     from kfac_oracle.catalogue import load_cases
 
     cases = load_cases(args.cases, args.case_file)
+    if args.cases and not cases:
+        raise UsageError(f"no case matches {args.cases!r}")
     if args.json:
         print(json.dumps([c.as_dict() for c in cases], indent=2))
-        return 0
-    rows = [("id", "family", "loss", "red.", "setting", "N", "P", "claims")]
+        return EXIT_OK
+    rows: list[tuple[str, ...]] = [
+        ("id", "family", "loss", "red.", "setting", "N", "P", "claims")
+    ]
     for c in cases:
         claims = sum(len(c.claims_for(layer)) for layer in c.layers)
         rows.append(
@@ -34,106 +53,191 @@ def _cmd_cases(args) -> int:
                 str(claims),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for k, r in enumerate(rows):
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
+    print(_table(rows))
     print(f"\n{len(cases)} cases")
-    return 0
+    return EXIT_OK
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, r in enumerate(rows):
+        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cmd_checks(args: argparse.Namespace) -> int:
+    from kfac_oracle.checks.registry import checks, families
+
+    data: list[dict[str, Any]] = [
+        {
+            "family": fam.name,
+            "summary": fam.summary,
+            "checks": [
+                {"function": c.name, "theorem": c.theorem} for c in checks(fam.name)
+            ],
+        }
+        for fam in families()
+    ]
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    for fam in data:
+        print(f"{fam['family']}: {fam['summary']}")
+        for c in fam["checks"]:
+            first = c["theorem"].splitlines()[0] if c["theorem"] else ""
+            print(f"  {c['function']:<20} {first}")
+    return EXIT_OK
 
 
 class _Progress:
-    """A one-line progress bar on a terminal (nothing otherwise)."""
+    """Progress on standard error: a bar on a terminal, else a line now and then."""
 
-    def __init__(self, enabled: bool, label: str = ""):
+    def __init__(self, enabled: bool, label: str = "", every: float = 10.0):
         self.enabled = enabled
         self.label = label
+        self.tty = sys.stderr.isatty()
+        self.every = every
+        self.last = time.monotonic()
+        self.bad = 0
 
-    def __call__(self, done: int, total: int, record) -> None:
+    def __call__(self, done: int, total: int, record: Any) -> None:
+        self.bad += record.status in ("failed", "error")
         if not self.enabled:
             return
-        width = 30
-        filled = int(width * done / max(total, 1))
-        bar = "#" * filled + "." * (width - filled)
-        sys.stderr.write(
-            f"\r{self.label}[{bar}] {done}/{total} {record.check[:28]:28s}"
-        )
-        if done == total:
-            sys.stderr.write("\n")
+        if self.tty:
+            width = 30
+            filled = int(width * done / max(total, 1))
+            bar = "#" * filled + "." * (width - filled)
+            sys.stderr.write(
+                f"\r{self.label}[{bar}] {done}/{total} {record.check[:28]:28s}"
+            )
+            if done == total:
+                sys.stderr.write("\n")
+        elif time.monotonic() - self.last >= self.every or done == total:
+            self.last = time.monotonic()
+            sys.stderr.write(
+                f"{self.label}{done}/{total} checks, {self.bad} failed or errored\n"
+            )
         sys.stderr.flush()
 
 
-def _cmd_check(args) -> int:
-    from kfac_oracle import report
-    from kfac_oracle.catalogue import load_cases
-    from kfac_oracle.checks import CheckSession
-    from kfac_oracle.harness import resolve_implementation, run
+def _writable(path: str | None, what: str) -> Path | None:
+    """Check an output path before the run: a file in an existing folder."""
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{what} {path!r} is a folder; give a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path!r}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{what} {path!r}: folder {str(parent)!r} is not writable")
+    return p
 
-    impl = resolve_implementation(args.impl)
+
+def parse_time_limit(value: str) -> float | None:
+    """``--time-limit``: seconds (positive, finite) or ``none``."""
+    from kfac_oracle.runner.limits import check_time_limit
+
+    if value.strip().lower() == "none":
+        return None
+    return check_time_limit(value)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from kfac_oracle import report
+    from kfac_oracle.runner import expected as expected_mod
+    from kfac_oracle.runner.run import Session, resolve_cases, run, select_items
+
+    time_limit = parse_time_limit(args.time_limit)
+    json_path = _writable(args.json, "--json")
+    report_path = _writable(args.report, "--report")
+    if args.plots:
+        report.require_matplotlib()
+    expected = expected_mod.load(args.xfail)
+    cases = resolve_cases(args.cases, args.case_file)
+    select_items(cases, args.checks, args.families)  # usage errors before any work
+    session = Session.start(args.impl, time_limit, args.isolation, args.case_file)
+    label = f"{session.name} "
+    progress = _Progress(not args.quiet, label)
+    partial = Path(f"{json_path}.partial") if json_path else None
+    if partial is not None and partial.exists():
+        partial.unlink()
+    records: list[Any] = []
+
+    def collect(done: int, total: int, record: Any) -> None:
+        records.append(record)
+        progress(done, total, record)
+
+    interrupted = False
     try:
-        impl._kfac_oracle_spec = args.impl
-    except AttributeError:
-        pass
-    cases = load_cases(args.cases, args.case_file)
-    if not cases:
-        raise ValueError(f"no case matches {args.cases!r}")
-    expected = _load_expected(args.xfail)
-    session = CheckSession(impl, time_limit=args.time_limit)
-    progress = _Progress(sys.stderr.isatty() and not args.quiet, f"{impl.name} ")
-    records = run(
-        impl,
-        cases,
-        checks=args.checks,
-        families=args.families.split(",") if args.families else None,
-        expected_failures=expected,
-        session=session,
-        progress=progress,
+        run(
+            session.resolved,
+            cases,
+            checks=args.checks,
+            families=args.families,
+            expected_failures=expected,
+            session=session,
+            progress=collect,
+            stream=partial,
+        )
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        session.close()
+    print(
+        f"kfac-oracle check {args.impl}: {len(records)} checks on {len(cases)} cases"
+        + (" (interrupted)" if interrupted else "")
     )
-    print(f"kfac-oracle check {args.impl}: {len(records)} checks on {len(cases)} cases")
+    if session.resolved.library:
+        print(f"library: {session.resolved.library}")
+    for note in session.caller.notes:
+        print(f"note: {note}")
     print()
     print(report.summary_table(records))
     failures = report.failures_text(records, limit=args.show)
     if failures:
         print()
         print(failures)
-    if args.json:
-        report.write_json(records, args.json)
-        print(f"\nwrote {args.json}")
-    if args.report:
-        from pathlib import Path
-
-        Path(args.report).write_text(
-            report.markdown_report(records, f"Conformance of {impl.name}")
+    if json_path is not None:
+        report.write_json(records, json_path)
+        if partial is not None and partial.exists():
+            partial.unlink()
+        print(f"\nwrote {json_path}")
+    if report_path is not None:
+        report_path.write_text(
+            report.markdown_report(records, f"Conformance of {session.name}")
         )
-        print(f"wrote {args.report}")
+        print(f"wrote {report_path}")
     if args.plots:
-        paths = report.write_plots(session, records, args.plots)
+        paths = report.write_plots(records, args.plots)
         print(f"wrote {len(paths)} plots to {args.plots}")
+    if interrupted:
+        return EXIT_INTERRUPTED
     bad = sum(r.status in ("failed", "error") for r in records)
-    return 1 if bad else 0
+    if bad:
+        return EXIT_FAILED
+    if not any(r.status == "passed" for r in records) and not args.allow_nothing_passed:
+        print(
+            f"\nnothing passed: all {len(records)} checks were unsupported or expected "
+            "to fail. Check the implementation's capabilities (and its "
+            "NotImplementedError messages above); pass --allow-nothing-passed if this "
+            "is what you expect.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
 
 
-def _load_expected(path: str | None) -> dict[str, str] | None:
-    if not path:
-        return None
-    with open(path) as f:
-        data = json.load(f)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object {{pattern: reason}}")
-    return data
-
-
-def _cmd_matrix(args) -> int:
+def _cmd_matrix(args: argparse.Namespace) -> int:
     from kfac_oracle.matrix import main as matrix_main
 
+    args.time_limit = parse_time_limit(args.time_limit)
     return matrix_main(args)
-
-
-def _cmd_bench(args) -> int:
-    from kfac_oracle.bench import main as bench_main
-
-    return bench_main(args.bench_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,20 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cases", help="list the case catalogue")
     p.add_argument("--json", action="store_true", help="print a JSON list")
-    p.add_argument("--cases", default=None, help="fnmatch pattern(s) on id or family")
+    p.add_argument("--cases", default=None, help="patterns on case id or family")
     p.add_argument("--case-file", action="append", default=[], help="extra case file")
     p.set_defaults(func=_cmd_cases)
+
+    p = sub.add_parser("checks", help="list every check and the statement it tests")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_checks)
 
     p = sub.add_parser("check", help="run the conformance checks on an implementation")
     p.add_argument(
         "impl", help="module:attr (class, factory or instance) or a built-in name"
     )
-    p.add_argument(
-        "--cases", default=None, help="fnmatch pattern(s) on case id or family"
-    )
+    p.add_argument("--cases", default=None, help="patterns on case id or family")
     p.add_argument("--case-file", action="append", default=[], help="extra case file")
     p.add_argument(
-        "--checks", default=None, help="fnmatch pattern(s) on check names or ids"
+        "--checks",
+        default=None,
+        help="check ids or names; '*' and '?' are wildcards, brackets are literal",
     )
     p.add_argument("--families", default=None, help="comma-separated check families")
     p.add_argument("--json", default=None, help="write the check records as JSON")
@@ -167,12 +275,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--plots", default=None, help="write a PNG per failed comparison here"
     )
-    p.add_argument("--xfail", default=None, help="JSON file {check-id pattern: reason}")
     p.add_argument(
-        "--time-limit", type=float, default=60.0, help="seconds per candidate call"
+        "--xfail",
+        default=None,
+        help="expected failures: JSON {pattern: reason}, or text 'pattern # reason'",
+    )
+    p.add_argument(
+        "--time-limit",
+        default="60",
+        help="seconds per candidate call, or 'none' (default 60)",
+    )
+    p.add_argument(
+        "--isolation",
+        choices=("auto", "process", "none"),
+        default="auto",
+        help="run the candidate in a worker process (default where available)",
+    )
+    p.add_argument(
+        "--allow-nothing-passed",
+        action="store_true",
+        help="exit 0 even when no check passed (all unsupported)",
     )
     p.add_argument("--show", type=int, default=20, help="failures to print")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser(
@@ -181,13 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "adapters", nargs="*", help="built-in adapter names (default: all available)"
     )
-    p.add_argument(
-        "--cases", default=None, help="fnmatch pattern(s) on case id or family"
-    )
+    p.add_argument("--cases", default=None, help="patterns on case id or family")
     p.add_argument("--json", default=None, help="write all check records as JSON")
     p.add_argument("--markdown", default=None, help="write the matrix as Markdown")
     p.add_argument(
-        "--time-limit", type=float, default=120.0, help="seconds per candidate call"
+        "--time-limit", default="120", help="seconds per candidate call, or 'none'"
     )
     p.add_argument("--isolate", action="store_true", help="one subprocess per adapter")
     p.add_argument(
@@ -197,33 +320,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="build the matrix from record JSON files of earlier runs",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_matrix)
-
-    p = sub.add_parser(
-        "bench", help="run the benchmarks; write a table and a plot", add_help=False
-    )
-    p.add_argument(
-        "bench_args", nargs=argparse.REMAINDER, help="options for the benchmark runner"
-    )
-    p.set_defaults(func=_cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # the benchmark runner parses its own options
-        from kfac_oracle.bench import main as bench_main
-
-        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, ImportError, OSError) as error:
+        return int(args.func(args))
+    except UsageError as error:
         print(f"kfac-oracle: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kfac-oracle: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:  # noqa: BLE001 - an internal error, not a usage error
+        traceback.print_exc()
+        print(
+            "kfac-oracle: internal error (the traceback above); please report it",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

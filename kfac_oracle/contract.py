@@ -1,7 +1,10 @@
 """The public contract between the harness and a KFAC implementation under test.
 
 A candidate is any object with a ``name``, a ``capabilities`` mapping and a
-``compute(request) -> dict[str, result]`` method. ``result`` is one of three forms:
+``compute(request) -> dict[str, result]`` method (:class:`Candidate`); it may also
+name the ``library`` and ``version`` it wraps. ``capabilities`` is validated when the
+implementation is resolved (:mod:`kfac_oracle.capabilities`). ``result`` is one of
+three forms:
 
 - :class:`KroneckerFactors`: the factors ``A`` (input covariance) and ``G``
   (gradient covariance) whose product ``G ⊗ A`` is the module's curvature block in
@@ -9,7 +12,7 @@ A candidate is any object with a ``name``, a ``capabilities`` mapping and a
 - :class:`DenseBlock`: the module's block as a dense matrix over ``[weight, bias]``.
 - :class:`MatVecBlock`: a matrix-vector product over ``[weight, bias]``.
 
-Conventions (see ``KFAC_NOTES.md`` §3):
+Conventions (docs/theory.md §3):
 
 - Linear ``z = W a + b`` with ``W ∈ R^{out×in}``: rvec(g aᵀ) = g ⊗ a, so the block is
   ``G ⊗ A`` in rvec and ``A ⊗ G`` in cvec (column stacking).
@@ -21,31 +24,32 @@ Conventions (see ``KFAC_NOTES.md`` §3):
   candidate does not cover it.
 - Only the product ``G ⊗ A`` is canonical: a positive scalar may move between the
   factors. With ``bias="separate"`` the bias block fixes that scalar.
+
+A candidate that cannot handle a request its ``capabilities`` do not exclude (e.g. BCE
+with several outputs) raises ``NotImplementedError``: the harness reports the check
+"unsupported" with that message. Any other exception is an error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
-KFAC_APPROXES = ("expand", "reduce")
-BIAS_MODES = ("joint", "separate", "none")
-LAYOUTS = ("rvec", "cvec")
-SUPPORTED_LOSSES = ("MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss")
-SUPPORTED_LAYERS = ("Linear", "Conv2d")
+from kfac_oracle.capabilities import LAYERS, LOSSES, REDUCTIONS
+from kfac_oracle.flavours import BiasMode, FisherType, KFACApprox
+from kfac_oracle.problem import loss_terms_per_datum, reduction_factor
 
-# Everything the contract can express (the reference implements all of it).
-FULL_CAPABILITIES = {
-    "fisher_type": set(FISHER_TYPES),
-    "kfac_approx": set(KFAC_APPROXES),
-    "layers": set(SUPPORTED_LAYERS),
-    "losses": set(SUPPORTED_LOSSES),
-    "reductions": {"mean", "sum"},
-    "bias": {"joint", "separate"},
+# Everything the contract can express for KFAC (the reference implements all of it).
+FULL_CAPABILITIES: dict[str, set[str]] = {
+    "fisher_type": set(FisherType.values()),
+    "kfac_approx": set(KFACApprox.values()),
+    "layers": set(LAYERS),
+    "losses": set(LOSSES),
+    "reductions": set(REDUCTIONS),
+    "bias": {BiasMode.JOINT.value, BiasMode.SEPARATE.value},
 }
 
 
@@ -57,7 +61,7 @@ class KFACRequest:
         model: The network. Candidates must not modify its parameters.
         loss_func: A ``torch.nn`` loss module (``MSELoss``, ``CrossEntropyLoss`` or
             ``BCEWithLogitsLoss``) with reduction ``"mean"`` or ``"sum"``. The loss
-            is ``L = R Σ_n ℓ_n`` over the *whole* data set (notes §1).
+            is ``L = R Σ_n ℓ_n`` over the *whole* data set (docs/theory.md §1).
         data: The data set as a list of ``(X, y)`` batches, possibly of unequal sizes.
         fisher_type: ``"type-2"``, ``"mc"``, ``"empirical"`` or ``"forward-only"``.
         kfac_approx: ``"expand"`` or ``"reduce"`` (matters only with weight sharing).
@@ -96,7 +100,37 @@ class KFACRequest:
     @property
     def reduction(self) -> str:
         """The loss's reduction, ``"mean"`` or ``"sum"``."""
-        return self.loss_func.reduction
+        return str(self.loss_func.reduction)
+
+    @property
+    def loss_terms_per_datum(self) -> int:
+        """``T``, the loss terms per datum (docs/theory.md §1)."""
+        return loss_terms_per_datum(self.data)
+
+    @property
+    def reduction_factor(self) -> float:
+        """``R`` with ``L = R Σ_n ℓ_n``: 1 for sum, ``1/(N·T)`` for mean."""
+        return reduction_factor(
+            self.reduction, self.num_data, self.loss_terms_per_datum
+        )
+
+    def modules(
+        self,
+        model: nn.Module | None = None,
+        kinds: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
+    ) -> dict[str, nn.Module]:
+        """The requested modules of the given types by name, in request order.
+
+        Args:
+            model: Where to look them up (default: ``self.model``; pass an adapter's
+                copy of it).
+            kinds: Module types to keep (with no ``layers`` requested: every module
+                of these types).
+        """
+        model = self.model if model is None else model
+        named = dict(model.named_modules())
+        names = self.layers or tuple(named)
+        return {n: named[n] for n in names if isinstance(named.get(n), kinds)}
 
 
 @dataclass
@@ -149,6 +183,22 @@ class MatVecBlock:
 
 Result = KroneckerFactors | DenseBlock | MatVecBlock
 
-# A candidate that cannot handle a request its ``capabilities`` do not exclude (e.g.
-# BCE with several outputs) raises ``NotImplementedError``: the harness reports the
-# check "unsupported" with that message. Any other exception is an error.
+
+@runtime_checkable
+class Candidate(Protocol):
+    """What the harness needs of an implementation under test.
+
+    Attributes:
+        name: A short name for reports.
+        capabilities: ``{key: set of values}`` (:mod:`kfac_oracle.capabilities`).
+
+    Optional attributes ``library`` and ``version`` name the library a candidate
+    wraps; reports and the matrix show them.
+    """
+
+    name: str
+    capabilities: Mapping[str, Any] | Any
+
+    def compute(self, request: KFACRequest) -> Mapping[str, Result]:
+        """The curvature of every requested layer, keyed by module name."""
+        ...

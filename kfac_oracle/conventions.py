@@ -1,4 +1,4 @@
-"""Layout conventions: turning any result form into the canonical block (notes §3).
+"""Layout conventions: any result form to the canonical block (docs/theory.md §3).
 
 Canonical: a module's block is over ``[rvec(W), b]``, with ``rvec`` the row-major
 flattening of the 2-D weight view ``W ∈ R^{out × in}`` (Conv2d: ``in = C_in·kh·kw``),
@@ -12,11 +12,12 @@ which is PyTorch's ``flatten`` of the weight tensor.
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from kfac_oracle.contract import DenseBlock, KroneckerFactors, MatVecBlock
+from kfac_oracle.contract import DenseBlock, KroneckerFactors
 
 
 def joint_to_canonical_permutation(d_out: int, d_in: int) -> Tensor:
@@ -65,43 +66,32 @@ def kronecker_block(factors: KroneckerFactors) -> Tensor:
     raise ValueError(f"unknown bias mode {factors.bias!r}")
 
 
-def weight_shape_2d(module: torch.nn.Module) -> tuple[int, int]:
+def weight_shape_2d(module: Any) -> tuple[int, int]:
     """``(d_out, d_in)`` of the weight's 2-D view (Conv2d: ``(C_out, C_in·kh·kw)``)."""
     w = module.weight
-    return w.shape[0], w[0].numel()
-
-
-def dense_from_matvec(block: MatVecBlock, dtype, device) -> Tensor:
-    """Densify a :class:`MatVecBlock` by applying it to the identity's columns."""
-    mv = block.matvec
-    is_scipy = hasattr(mv, "matvec") and hasattr(mv, "shape")
-    columns = []
-    for e in torch.eye(block.size, dtype=dtype, device=device):
-        out = mv.matvec(e.cpu().numpy()) if is_scipy else mv(e)
-        if not isinstance(out, Tensor):
-            out = torch.as_tensor(np.asarray(out))
-        columns.append(out.to(dtype=dtype, device=device))
-    return torch.stack([c.reshape(-1) for c in columns], dim=1)
+    assert isinstance(w, Tensor), f"{type(module).__name__} has no weight tensor"
+    return int(w.shape[0]), int(w[0].numel())
 
 
 def canonical_block(
-    result: KroneckerFactors | DenseBlock | MatVecBlock,
-    module: torch.nn.Module,
+    result: KroneckerFactors | DenseBlock,
+    module: Any,
 ) -> Tensor:
-    """Convert any accepted result form to the canonical ``[rvec(W), b]`` block."""
+    """Convert factors or a dense block to the canonical ``[rvec(W), b]`` block.
+
+    ``module`` needs only ``weight`` (for its shape) and ``bias``; operators
+    (``MatVecBlock``) are densified by the runner first.
+    """
     d_out, d_in = weight_shape_2d(module)
     has_bias = getattr(module, "bias", None) is not None
     if isinstance(result, KroneckerFactors):
         return kronecker_block(result)
     if isinstance(result, DenseBlock):
         matrix, layout = result.matrix, result.layout
-    elif isinstance(result, MatVecBlock):
-        w = module.weight
-        matrix, layout = dense_from_matvec(result, w.dtype, w.device), result.layout
     else:
         raise TypeError(
             f"unsupported result type {type(result).__name__}; expected "
-            "KroneckerFactors, DenseBlock or MatVecBlock"
+            "KroneckerFactors or DenseBlock"
         )
     if layout == "rvec":
         return matrix

@@ -1,4 +1,4 @@
-"""Diagnosis: which known pitfall (notes §7) explains a mismatch exactly.
+"""Diagnosis: which known pitfall (docs/theory.md §7) explains a mismatch exactly.
 
 Given the candidate's canonical block ``C`` and the reference ``B``, each hypothesis
 builds what an implementation with that pitfall would return, ``B_alt``, and tests
@@ -20,6 +20,7 @@ from kfac_oracle.conventions import (
     kronecker_block,
     weight_shape_2d,
 )
+from kfac_oracle.flavours import FisherType, Flavour
 from kfac_oracle.problem import Problem
 from kfac_oracle.reference.kfac import KFACSteps
 
@@ -71,7 +72,7 @@ def fit_scalar(C: Tensor, B: Tensor) -> float | None:
 
 
 def named_scales(problem: Problem, positions: int, mc_samples: int) -> dict[str, float]:
-    """Scales an implementation may get wrong, by name (notes §7)."""
+    """Scales an implementation may get wrong, by name (docs/theory.md §7)."""
     N = problem.num_data
     T = problem.loss_terms_per_datum
     scales = {
@@ -124,7 +125,8 @@ def _alt_blocks(
     module = problem.model.get_submodule(layer)
 
     def ref(pb=problem, ft=fisher_type, approx=kfac_approx, b=bias):
-        f = steps.factors(pb, ft, approx, b, mc_samples, seed, [layer])[layer]
+        flavour = Flavour(ft, approx, b, mc_samples, seed)
+        f = steps.factors(pb, flavour, [layer])[layer]
         return f
 
     def block(**kw):
@@ -189,11 +191,7 @@ def _alt_blocks(
                     lambda cls=steps_cls: kronecker_block(
                         cls().factors(
                             problem,
-                            fisher_type,
-                            kfac_approx,
-                            bias,
-                            mc_samples,
-                            seed,
+                            Flavour(fisher_type, kfac_approx, bias, mc_samples, seed),
                             [layer],
                         )[layer]
                     ),
@@ -206,14 +204,12 @@ def _alt_blocks(
             block(approx=other),
         )
     )
-    for ft, why in (
-        (
-            "empirical",
-            "empirical-Fisher vectors (true labels) instead of the requested flavour",
-        ),
-        ("type-2", "type-2 vectors instead of the requested flavour"),
-    ):
-        if ft != fisher_type and fisher_type != "forward-only":
+    requested = FisherType.parse(fisher_type)
+    if requested.info.backpropagates:
+        for ft in FisherType:
+            if ft == requested or ft.stochastic or not ft.info.backpropagates:
+                continue
+            why = f"{ft.info.vectors} instead of the requested flavour"
             hyps.append((why, block(ft=ft)))
     if len(problem.data) > 1:
         first = Problem(problem.model, problem.loss_func, problem.data[:1])
@@ -328,7 +324,7 @@ def _weight_block_only(
     if getattr(module, "bias", None) is None or bias == "none":
         return None
     f = KFACSteps().factors(
-        problem, fisher_type, kfac_approx, bias, mc_samples, seed, [layer]
+        problem, Flavour(fisher_type, kfac_approx, bias, mc_samples, seed), [layer]
     )
     B = kronecker_block(f[layer])
     d_out, d_in = weight_shape_2d(module)

@@ -1,6 +1,6 @@
 """Loss-specific pieces: per-datum losses, output Hessians and square roots, sampling.
 
-Everything here is per datum and uses the sum reduction ``ℓ_n`` (notes §1); the
+Everything here is per datum and uses the sum reduction ``ℓ_n`` (docs/theory.md §1); the
 reduction factor ``R`` is applied by the callers.
 
 Output layouts: ``CrossEntropyLoss`` takes logits ``(B, C, *S)`` and labels ``(B, *S)``;

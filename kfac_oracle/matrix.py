@@ -19,24 +19,17 @@ from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
-from kfac_oracle.checks.base import FAMILIES
+from kfac_oracle.checks.registry import family_names
+from kfac_oracle.errors import UsageError
 
 TITLE = "KFAC conformance matrix"
 
 
 def available_adapters() -> dict[str, str | None]:
-    """``{built-in adapter name: library version or None}``."""
-    from kfac_oracle.adapters import adapter_modules
+    """``{registered adapter name: library version or None}``."""
+    from kfac_oracle.implementations import adapters
 
-    out = {}
-    for module in adapter_modules().values():
-        try:
-            version = module.library_version()
-        except Exception:
-            version = None
-        for name in module.ADAPTERS:
-            out[name] = version
-    return out
+    return {name: impl.version() for name, impl in adapters().items()}
 
 
 def adapter_error(name: str, message: str) -> dict:
@@ -53,13 +46,15 @@ def adapter_error(name: str, message: str) -> dict:
     }
 
 
-def run_adapter(name: str, cases, time_limit: float, progress=None) -> list[dict]:
+def run_adapter(
+    name: str, cases, time_limit: float | None, progress=None
+) -> list[dict]:
     """Records of one adapter (dicts with ``implementation``); never raises."""
-    from kfac_oracle.harness import run
+    from kfac_oracle.runner.run import run
 
     try:
         records = run(name, cases, time_limit=time_limit, progress=progress)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - one adapter never stops the others
         return [adapter_error(name, f"the adapter could not run: {error!r}")]
     out = []
     for r in records:
@@ -69,7 +64,7 @@ def run_adapter(name: str, cases, time_limit: float, progress=None) -> list[dict
     return out
 
 
-def run_isolated(name: str, cases_pattern, time_limit: float) -> list[dict]:
+def run_isolated(name: str, cases_pattern, time_limit: float | None) -> list[dict]:
     """Run one adapter in a subprocess (crash isolation)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "records.json"
@@ -83,7 +78,7 @@ def run_isolated(name: str, cases_pattern, time_limit: float) -> list[dict]:
             str(out),
             "-q",
         ]
-        cmd += ["--time-limit", str(time_limit)]
+        cmd += ["--time-limit", "none" if time_limit is None else str(time_limit)]
         if cases_pattern:
             cmd += ["--cases", cases_pattern]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -97,19 +92,21 @@ def matrix_markdown(
     records: list[dict], versions: dict[str, str | None], note: str = ""
 ) -> str:
     """The matrix as Markdown (rows: adapters; columns: families)."""
+    families = family_names()
+    families += sorted({r["family"] for r in records} - set(families))
     by_impl: dict[str, dict[str, Counter]] = {}
     for r in records:
-        fam = by_impl.setdefault(r["implementation"], {f: Counter() for f in FAMILIES})
+        fam = by_impl.setdefault(r["implementation"], {f: Counter() for f in families})
         fam.setdefault(r["family"], Counter())[r["status"]] += 1
-    lines = [f"| implementation | version | {' | '.join(FAMILIES)} | errors |"]
-    lines.append("|---|---|" + "---|" * len(FAMILIES) + "---|")
+    lines = [f"| implementation | version | {' | '.join(families)} | errors |"]
+    lines.append("|---|---|" + "---|" * len(families) + "---|")
     for name in sorted(set(versions) | set(by_impl)):
         version = versions.get(name) or "not installed"
         if name not in by_impl:
-            lines.append(f"| {name} | {version} |" + " – |" * len(FAMILIES) + " – |")
+            lines.append(f"| {name} | {version} |" + " – |" * len(families) + " – |")
             continue
         cells, errors = [], 0
-        for family in FAMILIES:
+        for family in families:
             c = by_impl[name].get(family, Counter())
             failed = c["failed"] + c["error"]
             errors += c["error"]
@@ -138,7 +135,7 @@ def main(args) -> int:
         names = args.adapters or [n for n, v in versions.items() if v is not None]
         unknown = [n for n in names if n not in versions]
         if unknown:
-            raise ValueError(f"unknown adapters {unknown}; known: {sorted(versions)}")
+            raise UsageError(f"unknown adapters {unknown}; known: {sorted(versions)}")
         cases = load_cases(args.cases)
         records = []
         for name in names:

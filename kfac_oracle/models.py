@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from kfac_oracle.torchstate import fixed_defaults
+
 
 class Permute(nn.Module):
     """``x.permute(*dims)``: e.g. channels last, or CE's class dim second."""
@@ -80,8 +82,12 @@ def build_layer(spec: Sequence) -> nn.Module:
 def build_model(
     spec: Sequence[Sequence], seed: int = 0, dtype: torch.dtype = torch.float64
 ) -> nn.Sequential:
-    """Build an ``nn.Sequential`` from layer specs with seeded initialisation."""
-    with torch.random.fork_rng(devices=[]):
+    """Build an ``nn.Sequential`` from layer specs with seeded initialisation.
+
+    Parameters are initialised in float32 on the CPU from ``seed`` (independent of
+    torch's global defaults and random state), then converted to ``dtype``.
+    """
+    with torch.random.fork_rng(devices=[]), fixed_defaults():
         torch.manual_seed(seed)
         model = nn.Sequential(*(build_layer(s) for s in spec))
     return model.to(dtype)

@@ -1,38 +1,66 @@
 """pytest plugin (``pytest11`` entry point): ``pytest --kfac-impl IMPL``.
 
 Runs the whole conformance suite against ``IMPL`` (``module:attr`` or a built-in
-name), in any directory, an empty one too. Items are named ``check[case_id-layer]``;
-failures show the block, the errors, the tolerance, the diagnosis and a command that
-reproduces the check. Nothing heavy (torch) is imported unless ``--kfac-impl`` is given.
+name), in any directory, an empty one too. Items are named ``check[case_id-layer]``
+and collected like any test (``--co``, ``-k``, ``--lf`` work); select single checks
+with ``--kfac-checks ID`` (ids match literally) or ``-k``. Failures show the block, the
+errors, the tolerance, the diagnosis and a command that reproduces the check. Every
+option has an ini mirror (``kfac_impl = ...`` under ``[pytest]``). Nothing heavy
+(torch) is imported unless an implementation is given.
+
+For conformance items — these and ``parametrize_with_checks``' — a session in which
+none passed (everything unsupported) fails, unless ``--kfac-allow-nothing-passed``.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+MARKER = "kfac_oracle_check"
+ALLOW_MARKER = "kfac_oracle_allow_nothing_passed"
 
-def pytest_addoption(parser):
-    """Register the ``--kfac-*`` options."""
+OPTIONS = (
+    ("impl", "implementation: module:attr or a built-in name"),
+    ("cases", "patterns on case ids/families"),
+    ("case_file", "an extra case file"),
+    ("checks", "check ids or names ('*' and '?' wildcards, brackets literal)"),
+    ("families", "comma-separated check families"),
+    ("xfail", "expected failures: JSON {pattern: reason} or text 'pattern # reason'"),
+    ("time_limit", "seconds per candidate call, or 'none' (default 60)"),
+    ("isolation", "auto, process or none (default auto)"),
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Register the ``--kfac-*`` options and their ini mirrors."""
     group = parser.getgroup("kfac-oracle", "KFAC conformance checks")
+    for name, help_ in OPTIONS:
+        flag = "--kfac-" + name.replace("_", "-")
+        group.addoption(flag, dest=f"kfac_{name}", default=None, help=help_)
+        parser.addini(f"kfac_{name}", help_, default=None)
     group.addoption(
-        "--kfac-impl",
-        default=None,
-        help="implementation: module:attr or a built-in name",
+        "--kfac-allow-nothing-passed",
+        action="store_true",
+        default=False,
+        help="do not fail the session when no conformance check passed",
     )
-    group.addoption(
-        "--kfac-cases", default=None, help="fnmatch pattern(s) on case ids/families"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the markers conformance items carry."""
+    config.addinivalue_line("markers", f"{MARKER}: a kfac-oracle conformance check")
+    config.addinivalue_line(
+        "markers", f"{ALLOW_MARKER}: no conformance check passing is acceptable"
     )
-    group.addoption(
-        "--kfac-checks", default=None, help="fnmatch pattern(s) on check names/ids"
-    )
-    group.addoption(
-        "--kfac-xfail", default=None, help="JSON file {check-id pattern: reason}"
-    )
-    group.addoption(
-        "--kfac-time-limit", type=float, default=60.0, help="seconds per candidate call"
-    )
+    _STATE.update(items=set(), passed=set(), allowed=False)
+
+
+def _option(config: pytest.Config, name: str) -> Any:
+    value = config.getoption(f"kfac_{name}")
+    return value if value is not None else config.getini(f"kfac_{name}")
 
 
 class ConformanceFailure(Exception):
@@ -42,13 +70,14 @@ class ConformanceFailure(Exception):
 class ConformanceItem(pytest.Item):
     """One conformance check."""
 
-    def __init__(self, *, check, reason=None, **kwargs):
+    def __init__(self, *, check: Any, reason: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.check = check
-        if reason:
+        self.add_marker(MARKER)
+        if reason is not None:
             self.add_marker(pytest.mark.xfail(strict=True, reason=reason))
 
-    def runtest(self):
+    def runtest(self) -> None:
         """Run the check; skip if unsupported."""
         record = self.check.run()
         if record.status == "unsupported":
@@ -56,7 +85,7 @@ class ConformanceItem(pytest.Item):
         if record.status in ("failed", "error"):
             raise ConformanceFailure(record)
 
-    def repr_failure(self, excinfo, style=None):
+    def repr_failure(self, excinfo: Any, style: Any = None) -> Any:
         """The focused message for conformance failures."""
         if isinstance(excinfo.value, ConformanceFailure):
             from kfac_oracle.testing import format_record
@@ -64,68 +93,146 @@ class ConformanceItem(pytest.Item):
             return format_record(excinfo.value.args[0])
         return super().repr_failure(excinfo, style=style)
 
-    def reportinfo(self):
+    def reportinfo(self) -> tuple[str, None, str]:
         """Location shown by pytest."""
         return "kfac-oracle", None, self.name
 
 
 class ConformanceSuite(pytest.Collector):
-    """The collector holding the conformance items of one implementation."""
+    """The conformance items of one implementation."""
 
-    def collect(self):
-        """Not used: items are created in ``pytest_collection_modifyitems``."""
-        return []
+    def __init__(self, *, checks: list[Any], expected: dict[str, str], **kwargs: Any):
+        super().__init__(**kwargs)
+        self._checks = checks
+        self._expected = expected
 
+    def collect(self) -> Iterator[ConformanceItem]:
+        """One item per check."""
+        from kfac_oracle.runner.expected import reason_for
 
-def _expected(config):
-    path = config.getoption("--kfac-xfail")
-    if not path:
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(session, config, items):
-    """Append the conformance items when ``--kfac-impl`` is given."""
-    spec = config.getoption("--kfac-impl")
-    if not spec:
-        return
-    from kfac_oracle.harness import ImplementationError, warn_unmatched
-    from kfac_oracle.testing import check_items, expected_reason
-
-    try:
-        impl, checks = check_items(
-            spec,
-            config.getoption("--kfac-cases"),
-            config.getoption("--kfac-checks"),
-            config.getoption("--kfac-time-limit"),
-        )
-    except ImplementationError as error:
-        raise pytest.UsageError(f"--kfac-impl: {error}") from error
-    try:
-        impl._kfac_oracle_spec = spec
-    except AttributeError:
-        pass
-    expected = _expected(config)
-    warn_unmatched(expected, [c.item.id for c in checks])
-    suite = ConformanceSuite.from_parent(
-        session, name=f"kfac-oracle[{getattr(impl, 'name', spec)}]"
-    )
-    for check in checks:
-        items.append(
-            ConformanceItem.from_parent(
-                suite,
+        for check in self._checks:
+            yield ConformanceItem.from_parent(
+                self,
                 name=check.item.id,
+                nodeid=f"{self.nodeid}::{check.item.id}",
                 check=check,
-                reason=expected_reason(check.item.id, expected),
+                reason=reason_for(check.item.id, self._expected),
             )
+
+
+def _suite(session: pytest.Session) -> ConformanceSuite | None:
+    config = session.config
+    spec = _option(config, "impl")
+    if not spec:
+        return None
+    from kfac_oracle.errors import UsageError
+    from kfac_oracle.runner import expected as expected_mod
+    from kfac_oracle.testing import check_items
+
+    case_files = [_option(config, "case_file")] if _option(config, "case_file") else []
+    try:
+        from kfac_oracle.cli import parse_time_limit
+
+        limit = parse_time_limit(str(_option(config, "time_limit") or "60"))
+        expected = expected_mod.load(_option(config, "xfail"))
+        resolved, checks = check_items(
+            spec,
+            _option(config, "cases"),
+            _option(config, "checks"),
+            limit,
+            families=_option(config, "families"),
+            isolation=_option(config, "isolation") or "auto",
+            case_files=case_files,
+        )
+        expected_mod.warn_unmatched(expected, [c.item.id for c in checks])
+    except UsageError as error:
+        raise pytest.UsageError(f"kfac-oracle: {error}") from error
+    return ConformanceSuite.from_parent(
+        session,
+        name=f"kfac-oracle[{resolved.name}]",
+        nodeid=f"kfac-oracle[{resolved.name}]",
+        checks=checks,
+        expected=expected,
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Any:
+    """Add the conformance suite to the session's collection (``--kfac-impl``)."""
+    report = yield
+    if isinstance(collector, pytest.Session):
+        suite = _suite(collector)
+        if suite is not None:
+            report.result.append(suite)
+    return report
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count conformance items (by node id) and those that passed."""
+    if MARKER not in report.keywords:
+        return
+    if report.when == "call" or (report.when == "setup" and report.skipped):
+        _STATE["items"].add(report.nodeid)
+        if report.when == "call" and report.passed and not hasattr(report, "wasxfail"):
+            _STATE["passed"].add(report.nodeid)
+        if ALLOW_MARKER in report.keywords:
+            _STATE["allowed"] = True
+
+
+_STATE: dict[str, Any] = {"items": set(), "passed": set(), "allowed": False}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail a session in which no conformance check passed (on the controller)."""
+    config = session.config
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller decides
+        return
+    items, passed = _STATE["items"], _STATE["passed"]
+    if not items or passed or _STATE["allowed"]:
+        return
+    if config.getoption("kfac_allow_nothing_passed"):
+        return
+    if exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    config.stash[_NOTHING] = len(items)
+
+
+_NOTHING = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(
+    terminalreporter: Any, exitstatus: int, config: pytest.Config
+) -> None:
+    """Say why a session with no passing conformance check failed."""
+    n = config.stash.get(_NOTHING, None)
+    if n:
+        terminalreporter.write_sep("=", "kfac-oracle: nothing passed", red=True)
+        terminalreporter.write_line(
+            f"none of the {n} conformance checks passed (all unsupported or expected "
+            "to fail); check the implementation's capabilities, or pass "
+            "--kfac-allow-nothing-passed"
         )
 
 
-def pytest_report_header(config):
-    """Name the implementation under test."""
-    spec = config.getoption("--kfac-impl")
-    if spec:
-        return f"kfac-oracle: conformance checks of {spec}"
-    return None
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    """Name the implementation under test, the oracle and torch versions."""
+    spec = _option(config, "impl")
+    if not spec:
+        return None
+    from importlib import metadata
+
+    from kfac_oracle import __version__
+
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = "not installed"
+    lines = [
+        f"kfac-oracle {__version__}: conformance checks of {spec} (torch "
+        f"{torch_version})"
+    ]
+    for name, _ in OPTIONS[1:]:
+        value = _option(config, name)
+        if value:
+            lines.append(f"kfac-oracle {name}: {value}")
+    return lines

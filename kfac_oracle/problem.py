@@ -1,7 +1,7 @@
 """A curvature problem: model, loss and data set, validated, with the loss scaling R.
 
 The loss over the whole data set is ``L(θ) = R · Σ_n ℓ_n`` where ``ℓ_n`` is the loss
-module with ``reduction="sum"`` applied to datum ``n`` alone (notes §1):
+module with ``reduction="sum"`` applied to datum ``n`` alone (docs/theory.md §1):
 
 - ``R = 1`` for ``reduction="sum"``;
 - ``R = 1 / (N · T)`` for ``reduction="mean"``, with ``T`` the number of loss terms per
@@ -18,11 +18,26 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from kfac_oracle.contract import SUPPORTED_LOSSES
+from kfac_oracle.capabilities import LOSSES as SUPPORTED_LOSSES
+from kfac_oracle.errors import ProblemError
 
 
-class ProblemError(ValueError):
-    """Raised for input that does not describe a valid curvature problem."""
+def loss_terms_per_datum(data: list[tuple[Tensor, Tensor]]) -> int:
+    """``T``: the number of loss terms per datum, from the targets' shape.
+
+    Every target entry is one loss term: every output entry for ``MSELoss`` and
+    ``BCEWithLogitsLoss``, every label entry for ``CrossEntropyLoss`` (``T = S`` for
+    logits ``(N, C, S)``).
+    """
+    _, y = data[0]
+    return max(y[0].numel(), 1)
+
+
+def reduction_factor(reduction: str, num_data: int, terms_per_datum: int) -> float:
+    """``R`` with ``L = R Σ_n ℓ_n``: 1 for ``sum``, ``1/(N·T)`` for ``mean``."""
+    if reduction == "sum":
+        return 1.0
+    return 1.0 / (num_data * terms_per_datum)
 
 
 @dataclass
@@ -55,7 +70,7 @@ class Problem:
     @property
     def reduction(self) -> str:
         """The loss's reduction, ``"mean"`` or ``"sum"``."""
-        return self.loss_func.reduction
+        return str(self.loss_func.reduction)
 
     @property
     def num_data(self) -> int:
@@ -64,17 +79,15 @@ class Problem:
 
     @property
     def loss_terms_per_datum(self) -> int:
-        """T, the number of loss terms per datum (notes §1)."""
-        _, y = self.data[0]
-        per_datum = y[0].numel()
-        return max(per_datum, 1)
+        """``T``, the number of loss terms per datum (docs/theory.md §1)."""
+        return loss_terms_per_datum(self.data)
 
     @property
     def reduction_factor(self) -> float:
-        """R with ``L = R Σ_n ℓ_n``: 1 for sum, ``1/(N·T)`` for mean."""
-        if self.reduction == "sum":
-            return 1.0
-        return 1.0 / (self.num_data * self.loss_terms_per_datum)
+        """``R`` with ``L = R Σ_n ℓ_n``: 1 for sum, ``1/(N·T)`` for mean."""
+        return reduction_factor(
+            self.reduction, self.num_data, self.loss_terms_per_datum
+        )
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Trainable parameters in ``model.named_parameters()`` order."""

@@ -6,12 +6,14 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from kfac_oracle.checks.base import FAMILIES, STATUSES, CheckRecord
+from kfac_oracle.checks.registry import family_names
+from kfac_oracle.errors import UsageError
+from kfac_oracle.runner.records import STATUSES, CheckRecord
 
 
 def summary_counts(records: list[CheckRecord]) -> dict[str, Counter]:
-    """``{family: Counter(status)}``."""
-    out = {f: Counter() for f in FAMILIES}
+    """``{family: Counter(status)}``, families in rank order (also those with none)."""
+    out: dict[str, Counter] = {f: Counter() for f in family_names()}
     for r in records:
         out.setdefault(r.family, Counter())[r.status] += 1
     return out
@@ -84,27 +86,33 @@ def markdown_report(records: list[CheckRecord], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_plots(
-    session, records: list[CheckRecord], directory: str | Path
-) -> list[Path]:
-    """For each failed block comparison, a PNG: reference, candidate, difference.
-
-    Needs matplotlib (the ``plots`` extra).
-    """
+def require_matplotlib() -> None:
+    """Raise a usage error unless matplotlib can be imported (for ``--plots``)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError as error:
-        raise ImportError(
+        raise UsageError(
             "--plots needs matplotlib: pip install 'kfac-oracle[plots]'"
         ) from error
+
+
+def write_plots(records: list[CheckRecord], directory: str | Path) -> list[Path]:
+    """For each failed block comparison, a PNG: reference, candidate, difference.
+
+    The blocks travel on the records (``record.blocks``). Needs matplotlib (the
+    ``plots`` extra).
+    """
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for r in records:
-        blocks = session.plot_blocks.get(r.id)
+        blocks = r.blocks
         if r.status != "failed" or blocks is None:
             continue
         candidate, reference = (b.detach().cpu().numpy() for b in blocks)

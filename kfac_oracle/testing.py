@@ -9,16 +9,22 @@ argument ``check`` and call it::
     def test_kfac(check):
         check()
 
-Expected failures are ``{check-id pattern: reason}`` (fnmatch on ``check[case-layer]``
-or on the check name); they are strict: a check expected to fail that passes fails the
-test. A pattern that matches no check warns.
+Expected failures are ``{pattern: reason}`` matched like ``--checks`` (``agree_*`` in
+every case, ``agree_*[case-0]`` in one; an id matches itself); they are strict: a
+check expected to fail that passes fails the test. A pattern that matches no check
+warns; a ``checks`` selection that matches nothing is a usage error at collection.
 """
 
 from __future__ import annotations
 
-import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
-from kfac_oracle.checks.base import CheckRecord
+from kfac_oracle.checks.registry import CheckItem
+from kfac_oracle.runner.records import CheckRecord
+
+__all__ = ["ConformanceCheck", "format_record", "parametrize_with_checks"]
 
 
 def format_record(record: CheckRecord) -> str:
@@ -35,25 +41,26 @@ def format_record(record: CheckRecord) -> str:
 
 
 class ConformanceCheck:
-    """One check as a callable: raises ``AssertionError`` on failure.
+    """One check as a callable: ``AssertionError`` on failure, skip if unsupported.
 
-    Unsupported checks are skipped.
+    Args:
+        item: The check item.
+        session: The run's session (candidate caller and references).
     """
 
-    def __init__(self, item, session, spec=None):
+    def __init__(self, item: CheckItem, session: Any):
         self.item = item
         self.session = session
-        self.spec = spec
 
     def __repr__(self) -> str:
         return self.item.id
 
     def run(self) -> CheckRecord:
         """Run the check and return its record."""
-        from kfac_oracle.harness import reproduce_command
+        from kfac_oracle.runner.run import run_item
 
-        record = self.item.run(self.session)
-        record.reproduce = reproduce_command(self.session.impl, self.item)
+        record = run_item(self.item, self.session)
+        record.reproduce = self.session.reproduce(self.item)
         return record
 
     def __call__(self) -> None:
@@ -67,54 +74,70 @@ class ConformanceCheck:
             raise AssertionError(format_record(record))
 
 
-def expected_reason(check_id: str, expected: dict[str, str] | None) -> str | None:
-    """The reason of the first expected-failure pattern matching ``check_id``."""
-    name = check_id.split("[")[0]
-    for pattern, reason in (expected or {}).items():
-        if fnmatch.fnmatch(check_id, pattern) or fnmatch.fnmatch(name, pattern):
-            return reason
-    return None
+def check_items(
+    impl: Any,
+    cases: Any = None,
+    checks: str | Iterable[str] | None = None,
+    time_limit: float | None = 60.0,
+    families: str | Iterable[str] | None = None,
+    isolation: str = "auto",
+    case_files: Sequence[str] = (),
+) -> tuple[Any, list[ConformanceCheck]]:
+    """``(resolved implementation, [ConformanceCheck])`` sharing one session.
 
+    Raises:
+        UsageError: For an invalid implementation, capabilities, cases or selection.
+    """
+    from kfac_oracle.runner.run import Session, resolve_cases, select_items
 
-def check_items(impl, cases=None, checks=None, time_limit: float | None = 60.0):
-    """``(impl, [ConformanceCheck])`` for an implementation (resolved once)."""
-    from kfac_oracle.catalogue import load_cases
-    from kfac_oracle.checks import CheckSession, collect
-    from kfac_oracle.harness import resolve_implementation, select_items
-
-    impl = resolve_implementation(impl)
-    case_list = load_cases(cases) if cases is None or isinstance(cases, str) else cases
-    items = select_items(collect(impl, case_list), checks)
-    session = CheckSession(impl, time_limit=time_limit)
-    return impl, [ConformanceCheck(item, session) for item in items]
+    case_list = resolve_cases(cases, case_files)
+    items = select_items(case_list, checks, families)
+    session = Session.start(impl, time_limit, isolation, case_files)
+    return session.resolved, [ConformanceCheck(item, session) for item in items]
 
 
 def parametrize_with_checks(
-    impl,
-    expected_failures: dict[str, str] | None = None,
-    cases=None,
-    checks: str | None = None,
+    impl: Any,
+    expected_failures: Mapping[str, str] | str | Path | None = None,
+    cases: Any = None,
+    checks: str | Iterable[str] | None = None,
     time_limit: float | None = 60.0,
-):
+    families: str | Iterable[str] | None = None,
+    isolation: str = "auto",
+    allow_nothing_passed: bool = False,
+) -> Any:
     """A ``pytest.mark.parametrize("check", ...)`` over every applicable check.
 
     Args:
         impl: The implementation (instance, class, factory, ``module:attr`` or a
             built-in name).
-        expected_failures: ``{check-id pattern: reason}``, strict.
-        cases: Cases or an fnmatch pattern on case ids/families (default: all).
-        checks: fnmatch pattern(s) on check names or ids.
-        time_limit: Seconds per candidate call.
+        expected_failures: ``{pattern: reason}`` or a file of them; strict.
+        cases: Cases or patterns on case ids/families (default: all).
+        checks: Patterns on check names or ids.
+        time_limit: Seconds per candidate call (``None``: no limit).
+        families: Restrict to these check families.
+        isolation: ``"auto"``, ``"process"`` or ``"none"``.
+        allow_nothing_passed: Do not fail the session when no check passes.
+
+    Raises:
+        UsageError: At collection, for an invalid implementation, capabilities,
+            cases or selection.
     """
     import pytest
 
-    from kfac_oracle.harness import warn_unmatched
+    from kfac_oracle.plugin import ALLOW_MARKER, MARKER
+    from kfac_oracle.runner import expected as expected_mod
 
-    _, items = check_items(impl, cases, checks, time_limit)
-    warn_unmatched(expected_failures, [c.item.id for c in items])
+    expected = expected_mod.load(expected_failures)
+    _, items = check_items(impl, cases, checks, time_limit, families, isolation)
+    expected_mod.warn_unmatched(expected, [c.item.id for c in items])
     params = []
     for check in items:
-        reason = expected_reason(check.item.id, expected_failures)
-        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        marks: list[Any] = [getattr(pytest.mark, MARKER)]
+        if allow_nothing_passed:
+            marks.append(getattr(pytest.mark, ALLOW_MARKER))
+        reason = expected_mod.reason_for(check.item.id, expected)
+        if reason is not None:
+            marks.append(pytest.mark.xfail(strict=True, reason=reason))
         params.append(pytest.param(check, id=check.item.id, marks=marks))
     return pytest.mark.parametrize("check", params)

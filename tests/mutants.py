@@ -1,4 +1,4 @@
-"""Deliberately broken KFAC implementations, one pitfall of notes §7 each.
+"""Deliberately broken KFAC implementations, one pitfall of docs/theory.md §7 each.
 
 Every mutant is the reference with one step replaced. The mutation meta-tests run them
 through the conformance checks and require every one to be caught.

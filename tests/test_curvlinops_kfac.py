@@ -9,7 +9,7 @@ two disagree, the test asserts the disagreement and pins down its explanation:
    cross-position terms that are not in the GGN (whose loss Hessian is block-diagonal
    over positions). It matters where the network mixes positions after the layer
    (expand) and always for reduce (which sums g over positions). The reference
-   backpropagates one vector per position and class (notes §4: the columns of a
+   backpropagates one vector per position and class (docs/theory.md §4: the columns of a
    symmetric factor of H_n). Who is right: type-2 KFAC should be the expectation of
    MC-KFAC (E6); curvlinops' own MC-KFAC converges to the reference, not to its
    type-2 (checked below).
@@ -107,7 +107,9 @@ def test_kfac_agrees_with_curvlinops(case, fisher_type, approx, separate):
     )
     dense = op @ torch.eye(op.shape[0], dtype=torch.float64)
     bias = "separate" if separate else "joint"
-    factors = kfac(problem, fisher_type, approx, bias, mc_samples=1, seed=SEED)
+    factors = kfac(
+        problem, fisher_type, kfac_approx=approx, bias=bias, mc_samples=1, seed=SEED
+    )
     ours = {layer: kronecker_block(f) for layer, f in factors.items()}
     theirs = layer_blocks(dense, case, ours)
     errors = {layer: rel_error(theirs[layer], ours[layer]) for layer in case.layers}
@@ -128,7 +130,7 @@ def test_curvlinops_mc_converges_to_reference_type2_not_its_own(case_id, approx,
     variance estimated from the K runs.
     """
     problem = next(c for c in CASES if c.id == case_id).build()
-    ours = kronecker_block(kfac(problem, "type-2", approx)[layer])
+    ours = kronecker_block(kfac(problem, "type-2", kfac_approx=approx)[layer])
     k = ours.shape[0]
     _, op = curvlinops_operator(problem, KFACLinearOperator, "type-2", approx, False)
     theirs_t2 = (op @ torch.eye(op.shape[0], dtype=torch.float64))[:k, :k]
@@ -187,13 +189,15 @@ def test_ekfac_agrees_with_curvlinops(case, fisher_type, approx):
         problem, EKFACLinearOperator, fisher_type, approx, False
     )
     dense = op @ torch.eye(op.shape[0], dtype=torch.float64)
-    ours = ekfac(problem, fisher_type, approx, mc_samples=1, seed=SEED)
+    ours = ekfac(problem, fisher_type, kfac_approx=approx, mc_samples=1, seed=SEED)
     blocks = {layer: ekfac_block(f) for layer, f in ours.items()}
     theirs = layer_blocks(dense, case, blocks)
     errors = {layer: rel_error(theirs[layer], blocks[layer]) for layer in case.layers}
     if max(errors.values()) <= EXACT_RTOL:
         return
-    assert singular_factor(kfac(problem, fisher_type, approx, mc_samples=1, seed=SEED))
+    assert singular_factor(
+        kfac(problem, fisher_type, kfac_approx=approx, mc_samples=1, seed=SEED)
+    )
     kind = {"type-2": "ggn", "empirical": "empirical", "mc": "mc"}[fisher_type]
     for layer in case.layers:
         their_basis = EKFACFactors(

@@ -1,4 +1,4 @@
-"""The provable equivalences (notes §5), driven by the catalogue's claims.
+"""The provable equivalences (docs/theory.md §5), driven by the catalogue's claims.
 
 Every (case, layer, claim) of the catalogue becomes one test; nothing is hand-picked.
 Positive claims hold to a relative Frobenius error of 1e-10 in float64; negative
@@ -41,7 +41,9 @@ def mc_convergence(problem, layer, kfac_approx, M=400, delta=1e-3):
     Returns (error, bound).
     """
     steps = KFACSteps()
-    G2 = kfac(problem, "type-2", kfac_approx, layers=[layer])[layer].gradient_covariance
+    G2 = kfac(problem, "type-2", layers=[layer], kfac_approx=kfac_approx)[
+        layer
+    ].gradient_covariance
     bias_cols = {layer: True}
     samples = 0
     for stats in steps.statistics(problem, [layer], "mc", bias_cols, M, SEED):
@@ -62,7 +64,7 @@ def test_claim(case, layer, claim):
         factors = kfac(
             problem,
             claim.fisher_type,
-            claim.kfac_approx,
+            kfac_approx=claim.kfac_approx,
             mc_samples=MC_SAMPLES,
             seed=SEED,
             layers=[layer],
@@ -104,7 +106,9 @@ EKFAC_PARAMS = [
 def test_ekfac_diagonal_is_exact_in_kronecker_basis(case, layer, fisher_type, approx):
     """E7: EKFAC's eigenvalues are diag(Qᵀ B Q) of the exact block, any network."""
     problem = case.build()
-    f = ekfac(problem, fisher_type, approx, mc_samples=MC_SAMPLES, seed=SEED)[layer]
+    f = ekfac(
+        problem, fisher_type, kfac_approx=approx, mc_samples=MC_SAMPLES, seed=SEED
+    )[layer]
     B = curvature_block(problem, layer, KIND[fisher_type], MC_SAMPLES, SEED)
     Q = kronecker_eigenbasis(f)
     assert_close(Q.T @ Q, torch.eye(Q.shape[1], dtype=Q.dtype), what="Q orthogonal")
@@ -127,7 +131,11 @@ def test_ekfac_equals_exact_block_where_kfac_is_exact(case, layer, claim):
     """Where KFAC is exact, B is diagonal in the Kronecker basis, so EKFAC = B."""
     problem = case.build()
     f = ekfac(
-        problem, claim.fisher_type, claim.kfac_approx, mc_samples=MC_SAMPLES, seed=SEED
+        problem,
+        claim.fisher_type,
+        kfac_approx=claim.kfac_approx,
+        mc_samples=MC_SAMPLES,
+        seed=SEED,
     )[layer]
     B = curvature_block(problem, layer, KIND[claim.fisher_type], MC_SAMPLES, SEED)
     assert_close(ekfac_block(f), B, what="EKFAC")

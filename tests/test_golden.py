@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from kfac_oracle.catalogue import load_cases
-from kfac_oracle.checks import CheckRecord, collect
+from kfac_oracle.checks import collect
+from kfac_oracle.runner.records import CheckRecord
 
 GOLDEN = Path(__file__).parent / "golden"
 IDS_FILE = GOLDEN / "check_ids.txt"
@@ -41,7 +42,7 @@ RECORD_KEYS = [
 
 
 def collected_ids() -> list[str]:
-    return sorted(item.id for item in collect(None, load_cases()))
+    return sorted(item.id for item in collect(load_cases()))
 
 
 def test_check_ids_are_pinned():

@@ -77,7 +77,8 @@ def test_dense_reference_matches_curvlinops(case, kind):
     """GGN, Hessian and EF equal curvlinops' operators (float64, rtol 1e-10).
 
     For outputs with extra dimensions curvlinops' EF treats every output position as
-    a datum (it flattens the output to (N·S, C)); the notes define the EF over the
+    a datum (it flattens the output to (N·S, C)); docs/theory.md §2 defines the EF over
+    the
     batch dimension. There we check that the two differ and that curvlinops equals the
     per-position EF, which pins the explanation down.
     """

@@ -1,9 +1,30 @@
-"""Helpers shared by the adapters: library versions and capability checks."""
+"""What every adapter needs besides its own translation.
+
+Its library (lazy import, version, install hint), its self-test expectations, and the
+contract arithmetic it would otherwise redo.
+
+An adapter module declares ``LIBRARY = Library(distribution, module, extra)`` and
+``ADAPTERS = {built-in name: class}``; it is registered through the entry-point group
+``kfac_oracle.adapters`` (:mod:`kfac_oracle.implementations`). Importing an adapter
+module never imports its library; :meth:`Library.load` does, inside ``compute``.
+Reduction scale ``R``, loss terms per datum ``T`` and the requested modules come from
+:class:`~kfac_oracle.contract.KFACRequest`; layout permutations from
+:mod:`kfac_oracle.conventions`.
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
+from types import ModuleType
+from typing import Any
 
+import torch
+
+from kfac_oracle.capabilities import Capabilities
 from kfac_oracle.contract import KFACRequest
 
 
@@ -15,18 +36,118 @@ def distribution_version(distribution: str) -> str | None:
         return None
 
 
-def check_flavour(name: str, capabilities: dict, request: KFACRequest) -> None:
-    """Raise ``NotImplementedError`` for a flavour, loss or reduction not declared.
+@dataclass(frozen=True)
+class Library:
+    """A third-party library an adapter wraps.
+
+    Attributes:
+        distribution: Its PyPI distribution, e.g. ``"backpack-for-pytorch"``.
+        module: Its import name, e.g. ``"backpack"``.
+        extra: The kfac-oracle extra that installs it (``None``: a dependency).
+    """
+
+    distribution: str
+    module: str
+    extra: str | None = None
+
+    def version(self) -> str | None:
+        """The installed version, or ``None``."""
+        return distribution_version(self.distribution)
+
+    @property
+    def install_hint(self) -> str:
+        """How to install it."""
+        target = f"'kfac-oracle[{self.extra}]'" if self.extra else self.distribution
+        return (
+            f"{self.distribution} is not installed (imported as {self.module!r}): "
+            f"pip install -c constraints-cpu.txt {target}"
+        )
+
+    def load(self, *submodules: str) -> ModuleType:
+        """Import the library (and ``submodules``, e.g. ``"task"``).
+
+        Raises:
+            ImportError: With :attr:`install_hint` when it is not installed.
+        """
+        try:
+            module = importlib.import_module(self.module)
+            for sub in submodules:
+                importlib.import_module(f"{self.module}.{sub}")
+        except Exception as error:  # noqa: BLE001 - e.g. an incompatible dependency
+            raise ImportError(f"{self.install_hint} ({error!r})") from error
+        return module
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What an adapter's own tests require of it on the catalogue.
+
+    With ``status="passed"`` the library is right there, so every selected check must
+    pass: a wrong reduction scale, factor order, bias layout or batch handling in the
+    adapter would fail it. Otherwise it pins a finding (``docs/findings.md``): the
+    first selected record must have this status, ``text`` in its diagnosis or message
+    and, if given, this relative ``error``.
+
+    Attributes:
+        adapter: The adapter's built-in name.
+        cases: Case pattern(s).
+        checks: Check pattern(s).
+        status: ``"passed"``, ``"failed"``, ``"error"`` or ``"unsupported"``.
+        text: Expected in the record's diagnosis or message.
+        error: The record's expected relative error (to 1e-6).
+        finding: The finding's id, e.g. ``"C1"``.
+    """
+
+    adapter: str
+    cases: str
+    checks: str
+    status: str = "passed"
+    text: str = ""
+    error: float | None = None
+    finding: str = ""
+
+
+def check_request(name: str, capabilities: Any, request: KFACRequest) -> None:
+    """Raise ``NotImplementedError`` for a request the capabilities exclude.
 
     The harness already reports such requests "unsupported" without calling the
-    adapter; the check protects direct callers.
+    adapter; this protects direct callers of ``compute``.
     """
-    for key, value in (
-        ("fisher_type", request.fisher_type),
-        ("kfac_approx", request.kfac_approx),
-        ("losses", request.loss_name),
-        ("reductions", request.reduction),
-    ):
-        allowed = capabilities.get(key)
-        if allowed is not None and value not in allowed:
-            raise NotImplementedError(f"{name}: {key} {value!r} not supported")
+    caps = Capabilities.from_mapping(capabilities, f"{name}'s capabilities")
+    reason = caps.excludes(
+        loss=request.loss_name,
+        reduction=request.reduction,
+        fisher_type=request.fisher_type,
+        kfac_approx=request.kfac_approx,
+    )
+    if reason:
+        raise NotImplementedError(f"{name}: {reason}")
+
+
+def output_probe(request: KFACRequest) -> torch.Tensor:
+    """The model's output on the first datum (for its shape; no gradients)."""
+    X = request.data[0][0]
+    with torch.no_grad():
+        return request.model(X[:1])
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global generator for a library that samples from it.
+
+    The generator's state is restored afterwards, so the caller's random stream is
+    untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+__all__ = [
+    "Expectation",
+    "Library",
+    "check_request",
+    "distribution_version",
+    "output_probe",
+    "seeded",
+]

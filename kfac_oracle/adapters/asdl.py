@@ -53,48 +53,15 @@ Findings (measured numbers in ``docs/adapters/asdl.md``; reproductions in
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from kfac_oracle.adapters._common import check_flavour, distribution_version
+from kfac_oracle.adapters._common import Expectation, Library, check_request
 from kfac_oracle.contract import KFACRequest, KroneckerFactors
 
-_INSTALL_HINT = (
-    "ASDL is not installed. Install it with "
-    "`pip install -c constraints-cpu.txt torch asdfghjkl` (imported as `asdl`)."
-)
-
-
-def _import_asdl() -> Any:
-    """Import ``asdl`` lazily.
-
-    Returns:
-        The ``asdl`` module.
-
-    Raises:
-        ImportError: If ASDL is not installed, with an install hint.
-    """
-    try:
-        import asdl
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(_INSTALL_HINT) from err
-    return asdl
-
-
-def library_version() -> str | None:
-    """Return the installed ``asdfghjkl`` distribution version, or ``None``."""
-    return distribution_version("asdfghjkl")
-
-
-def _terms_per_datum(request: KFACRequest) -> int:
-    """Number ``T`` of loss terms per datum (README, Conventions)."""
-    model_output = _first_output(request)
-    if request.loss_name == "CrossEntropyLoss":
-        return math.prod(model_output.shape[2:]) if model_output.ndim > 2 else 1
-    return math.prod(model_output.shape[1:])
+LIBRARY = Library("asdfghjkl", "asdl", extra="asdl")
 
 
 def _first_output(request: KFACRequest) -> torch.Tensor:
@@ -120,7 +87,7 @@ class _AsdlKron:
     def _check(self, request: KFACRequest) -> None:
         """Raise ``NotImplementedError`` for requests outside the capabilities."""
         caps = self.capabilities
-        check_flavour(self.name, caps, request)
+        check_request(self.name, caps, request)
         ndim = _first_output(request).ndim
         if ndim not in caps["output_ndim"]:
             raise NotImplementedError(f"{self.name}: output ndim {ndim} not supported")
@@ -161,7 +128,7 @@ class _AsdlKron:
         Raises:
             NotImplementedError: If the request is outside the capabilities.
         """
-        asdl = _import_asdl()
+        asdl = LIBRARY.load()
         self._check(request)
         model = copy.deepcopy(request.model)
         loss_func = copy.deepcopy(request.loss_func)
@@ -188,20 +155,13 @@ class _AsdlKron:
                 fisher_maker.setup_loss_call(loss_func, dummy_y, y)
                 fisher_maker.forward_and_backward(accumulate=i > 0)
 
-        R = 1.0 if request.reduction == "sum" else 1.0 / (N * _terms_per_datum(request))
-        factor = R * N
+        factor = request.reduction_factor * N
         if request.loss_name == "MSELoss" and self._asdl_fisher_type != asdl.FISHER_EMP:
             factor *= 2.0  # ASDL's 'mse' is ½‖f − y‖² (Gaussian with var = 1).
 
-        wanted = set(request.layers)
-        modules = dict(request.model.named_modules())
         copies = dict(model.named_modules())
         result: dict[str, KroneckerFactors] = {}
-        for name, mod in modules.items():
-            if not isinstance(mod, (nn.Linear, nn.Conv2d)):
-                continue
-            if wanted and name not in wanted:
-                continue
+        for name, mod in request.modules().items():
             kron = copies[name].fisher.kron
             has_bias = mod.bias is not None and mod.bias.requires_grad
             result[name] = KroneckerFactors(
@@ -278,3 +238,31 @@ ADAPTERS: dict[str, type[_AsdlKron]] = {
     AsdlFisherMC.name: AsdlFisherMC,
     AsdlFisherEmp.name: AsdlFisherEmp,
 }
+
+
+# Where the library is right (every selected check passes) and its findings
+# (docs/findings.md), which must stay visible: tests/test_adapters.py runs them.
+EXPECTATIONS = [
+    Expectation(
+        "asdl-fisher-exact",
+        "deep_linear_d2_bias_mse_mean",
+        "exact_*_type-2_*,agree_type-2_*,batch_split,shuffle,current_parameters,wellformed",
+    ),
+    Expectation(
+        "asdl-fisher-exact", "one_datum_cro_sum", "exact_*_type-2_*,agree_type-2_*"
+    ),
+    Expectation("asdl-fisher-mc", "mlp_tanh_cro_mean", "mc_reproducible,wellformed"),
+    Expectation(
+        "asdl-fisher-emp",
+        "one_datum_bce_binary_sum",
+        "exact_*_empirical_*,agree_empirical_*,batch_split",
+    ),
+    Expectation(
+        "asdl-fisher-mc",
+        "mlp_tanh_cro_mean",
+        "mc_converges_*",
+        "failed",
+        text="by M",
+        finding="ASDL 1",
+    ),
+]

@@ -55,61 +55,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kfac_oracle.adapters._common import check_flavour, distribution_version
+from kfac_oracle.adapters._common import Expectation, Library, check_request
 from kfac_oracle.contract import KFACRequest, KroneckerFactors
 
-_INSTALL_HINT = (
-    "BackPACK is not installed: pip install -c constraints-cpu.txt torch "
-    "backpack-for-pytorch==1.7.1"
-)
-
-
-def library_version() -> str | None:
-    """Return the installed ``backpack-for-pytorch`` version, or ``None``."""
-    return distribution_version("backpack-for-pytorch")
-
-
-def _import_backpack() -> Any:
-    """Import BackPACK lazily.
-
-    Returns:
-        The ``backpack`` module.
-
-    Raises:
-        ImportError: If BackPACK is not installed.
-    """
-    try:
-        import backpack
-        import backpack.extensions  # noqa: F401
-    except ImportError as err:  # pragma: no cover - depends on environment
-        raise ImportError(_INSTALL_HINT) from err
-    return backpack
-
-
-def _wanted_modules(model: nn.Module, layers: tuple[str, ...]) -> dict[str, nn.Module]:
-    """Return the supported modules (Linear, Conv2d) selected by ``layers``.
-
-    Args:
-        model: The network.
-        layers: Requested module names; empty means all supported modules.
-
-    Returns:
-        Mapping from module name to module, in ``named_modules`` order.
-
-    Raises:
-        NotImplementedError: If a requested module is not a Linear or Conv2d.
-    """
-    supported = {
-        name: mod
-        for name, mod in model.named_modules()
-        if isinstance(mod, (nn.Linear, nn.Conv2d))
-    }
-    if not layers:
-        return supported
-    missing = [name for name in layers if name not in supported]
-    if missing:
-        raise NotImplementedError(f"Unsupported or unknown modules: {missing}")
-    return {name: supported[name] for name in layers}
+LIBRARY = Library("backpack-for-pytorch", "backpack", extra="backpack")
 
 
 class _BackpackBase:
@@ -136,7 +85,7 @@ class _BackpackBase:
             NotImplementedError: If the request is not supported.
         """
         caps = self.capabilities
-        check_flavour(self.name, caps, request)
+        check_request(self.name, caps, request)
         loss = request.loss_func
         if isinstance(loss, nn.BCEWithLogitsLoss) and (
             loss.weight is not None or loss.pos_weight is not None
@@ -163,7 +112,7 @@ class _BackpackBase:
             ``KroneckerFactors`` (``bias="separate"`` or ``"none"``) per module name.
         """
         self._check(request)
-        backpack = _import_backpack()
+        backpack = LIBRARY.load("extensions")
 
         # BackPACK's `extend` installs hooks and stores inputs on the modules: work on
         # copies so the caller's model and loss stay untouched. In-place activations
@@ -175,7 +124,10 @@ class _BackpackBase:
             use_converter=_has_inplace_module(request.model),
         )
         loss_func = backpack.extend(copy.deepcopy(request.loss_func))
-        wanted = _wanted_modules(model, tuple(request.layers))
+        wanted = request.modules(model)
+        missing = sorted(set(request.layers) - set(wanted))
+        if missing:
+            raise NotImplementedError(f"{self.name}: unsupported modules {missing}")
         num_data = request.num_data
         mean = request.reduction == "mean"
 
@@ -331,3 +283,41 @@ ADAPTERS = {
     "backpack-kfac": BackpackKFAC,
     "backpack-kfra": BackpackKFRA,
 }
+
+
+# Where the library is right (every selected check passes) and its findings
+# (docs/findings.md), which must stay visible: tests/test_adapters.py runs them.
+EXPECTATIONS = [
+    Expectation(
+        "backpack-kflr",
+        "deep_linear_d2_bias_mse_mean",
+        "exact_*_type-2_*,agree_type-2_*,mean_vs_sum,batch_split,shuffle,current_parameters,wellformed",
+    ),
+    Expectation(
+        "backpack-kflr",
+        "one_datum_cro_sum",
+        "exact_*_type-2_*,agree_type-2_*,batch_split",
+    ),
+    Expectation("backpack-kfac", "mlp_tanh_cro_mean", "mc_reproducible,wellformed"),
+    Expectation(
+        "backpack-kfra",
+        "one_datum_cro_sum",
+        "exact_*_type-2_*,agree_type-2_*,batch_split,shuffle,current_parameters,wellformed",
+    ),
+    Expectation(
+        "backpack-kflr",
+        "conv_flat_k3_pad1_mse_mean",
+        "exact_E5_type-2_expand",
+        "failed",
+        text="too large by S",
+        finding="B1",
+    ),
+    Expectation(
+        "backpack-kfra",
+        "deep_linear_d2_bias_mse_mean",
+        "wellformed",
+        "error",
+        text="Float",
+        finding="B5",
+    ),
+]

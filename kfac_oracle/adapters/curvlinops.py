@@ -24,7 +24,7 @@ import copy
 
 import torch
 
-from kfac_oracle.adapters._common import distribution_version
+from kfac_oracle.adapters._common import Expectation, Library
 from kfac_oracle.contract import (
     FULL_CAPABILITIES,
     DenseBlock,
@@ -32,17 +32,7 @@ from kfac_oracle.contract import (
     KroneckerFactors,
 )
 
-FISHER = {
-    "type-2": "type-2",
-    "mc": "mc",
-    "empirical": "empirical",
-    "forward-only": "forward-only",
-}
-
-
-def library_version() -> str | None:
-    """The installed curvlinops version, or ``None``."""
-    return distribution_version("curvlinops-for-pytorch")
+LIBRARY = Library("curvlinops-for-pytorch", "curvlinops")
 
 
 def operator(
@@ -53,17 +43,14 @@ def operator(
     The model is deep-copied unless ``copy_model`` is false (benchmarks time the
     library alone).
     """
-    try:
-        import curvlinops
-    except ImportError as error:  # pragma: no cover - curvlinops is a dependency
-        raise ImportError("pip install curvlinops-for-pytorch==3.0.1") from error
+    curvlinops = LIBRARY.load()
     model = copy.deepcopy(request.model) if copy_model else request.model
     layers = list(request.layers) or [
         n
         for n, m in model.named_modules()
         if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
     ]
-    params = []
+    params: list[torch.nn.Parameter] = []
     for name in layers:
         params.extend(model.get_submodule(name).parameters(recurse=False))
     separate = request.bias == "separate"
@@ -72,7 +59,7 @@ def operator(
         request.loss_func,
         params,
         request.data,
-        fisher_type=FISHER[request.fisher_type],
+        fisher_type=str(request.fisher_type),
         kfac_approx=request.kfac_approx,
         mc_samples=request.mc_samples,
         seed=request.seed,
@@ -132,3 +119,35 @@ class CurvlinopsEKFAC:
 
 
 ADAPTERS = {"curvlinops-kfac": CurvlinopsKFAC, "curvlinops-ekfac": CurvlinopsEKFAC}
+
+
+# Where the library is right (every selected check passes) and its findings
+# (docs/findings.md), which must stay visible: tests/test_adapters.py runs them.
+EXPECTATIONS = [
+    Expectation(
+        "curvlinops-kfac",
+        "deep_linear_d2_bias_mse_mean",
+        "exact_*,agree_*,batch_split,shuffle,current_parameters,wellformed",
+    ),
+    Expectation(
+        "curvlinops-kfac", "mlp_tanh_bce_mean", "agree_*,bias_modes,mean_vs_sum"
+    ),
+    Expectation("curvlinops-kfac", "conv_flat_k3_pad1_mse_mean", "exact_E5_*_expand"),
+    Expectation("curvlinops-ekfac", "one_datum_mse_mean", "exact_*"),
+    Expectation(
+        "curvlinops-ekfac",
+        "deep_linear_d2_bias_mse_mean",
+        "exact_*,batch_split,shuffle,current_parameters,wellformed",
+    ),
+    Expectation(
+        "curvlinops-ekfac", "mlp_tanh_bce_mean", "agree_type-2_*,agree_empirical_*"
+    ),
+    Expectation(
+        "curvlinops-kfac",
+        "conv_pixel_k3_pad1_mse_mean",
+        "agree_type-2_reduce",
+        "failed",
+        text="too large by S",
+        finding="C1",
+    ),
+]

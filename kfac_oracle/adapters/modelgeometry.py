@@ -40,36 +40,10 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from kfac_oracle.adapters._common import check_flavour, distribution_version
+from kfac_oracle.adapters._common import Expectation, Library, check_request
 from kfac_oracle.contract import KFACRequest, KroneckerFactors
 
-_INSTALL_HINT = (
-    "modelgeometry is not installed. Install it with "
-    "`pip install -c constraints-cpu.txt torch modelgeometry==0.1.1`."
-)
-
-
-def _import_modelgeometry() -> Any:
-    """Import ``modelgeometry`` lazily.
-
-    Returns:
-        The ``modelgeometry`` module with ``adapters`` and ``kfac``.
-
-    Raises:
-        ImportError: If modelgeometry is not installed, with an install hint.
-    """
-    try:
-        import modelgeometry
-        import modelgeometry.adapters
-        import modelgeometry.kfac
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(_INSTALL_HINT) from err
-    return modelgeometry
-
-
-def library_version() -> str | None:
-    """Return the installed ``modelgeometry`` distribution version, or ``None``."""
-    return distribution_version("modelgeometry")
+LIBRARY = Library("modelgeometry", "modelgeometry", extra="modelgeometry")
 
 
 def _linear_adapter(mg: Any, model: nn.Module, modules: list[nn.Module]) -> Any:
@@ -110,15 +84,10 @@ class ModelgeometryKFAC:
         Raises:
             NotImplementedError: If the request is outside the capabilities.
         """
-        mg = _import_modelgeometry()
-        check_flavour(self.name, self.capabilities, request)
+        mg = LIBRARY.load("adapters", "kfac")
+        check_request(self.name, self.capabilities, request)
         model = copy.deepcopy(request.model)
-        wanted = set(request.layers)
-        modules = {
-            name: mod
-            for name, mod in model.named_modules()
-            if isinstance(mod, nn.Linear) and (not wanted or name in wanted)
-        }
+        modules = request.modules(model, kinds=(nn.Linear,))
         if not modules:
             raise NotImplementedError(f"{self.name}: no Linear module requested")
         sum_loss = getattr(nn, request.loss_name)(reduction="sum")
@@ -132,10 +101,7 @@ class ModelgeometryKFAC:
             adapter=_linear_adapter(mg, model, list(modules.values())),
             include_bias=True,
         )
-        if request.reduction == "sum":
-            R = 1.0
-        else:
-            R = 1.0 / (N * max(request.data[0][1][0].numel(), 1))
+        R = request.reduction_factor
         result = {}
         for name, mod in modules.items():
             f = factors[f"{name}.weight"]
@@ -150,3 +116,41 @@ class ModelgeometryKFAC:
 ADAPTERS: dict[str, type[ModelgeometryKFAC]] = {
     ModelgeometryKFAC.name: ModelgeometryKFAC,
 }
+
+
+# Where the library is right (every selected check passes) and its findings
+# (docs/findings.md), which must stay visible: tests/test_adapters.py runs them.
+EXPECTATIONS = [
+    Expectation(
+        "modelgeometry-kfac",
+        "deep_linear_d2_bias_mse_mean",
+        "exact_*_empirical_*,agree_empirical_*,batch_split,shuffle,current_parameters,wellformed,mean_vs_sum",
+    ),
+    Expectation(
+        "modelgeometry-kfac",
+        "one_datum_cro_sum",
+        "exact_*_empirical_*,agree_empirical_*",
+    ),
+    Expectation(
+        "modelgeometry-kfac",
+        "mlp_tanh_bce_mean",
+        "exact_*_empirical_*,agree_empirical_*,mean_vs_sum",
+    ),
+    Expectation(
+        "modelgeometry-kfac",
+        "seq_expand_linear_mse_mean",
+        "agree_empirical_expand",
+        "failed",
+        text="too small by S",
+        error=0.6666666666666666,
+        finding="M1",
+    ),
+    Expectation(
+        "modelgeometry-kfac",
+        "mlp_relu_inplace_mse_mean",
+        "wellformed",
+        "error",
+        text="BackwardHookFunction",
+        finding="M3",
+    ),
+]

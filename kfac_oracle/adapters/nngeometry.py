@@ -38,58 +38,23 @@ torch RNG, which is forked and seeded with ``request.seed``.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from kfac_oracle.adapters._common import check_flavour, distribution_version
+from kfac_oracle.adapters._common import Expectation, Library, check_request
 from kfac_oracle.contract import DenseBlock, KFACRequest, KroneckerFactors
+from kfac_oracle.conventions import joint_to_canonical_permutation, weight_shape_2d
 
-_INSTALL_HINT = (
-    "nngeometry is not installed. Install it with "
-    "`pip install -c constraints-cpu.txt torch nngeometry`."
-)
+LIBRARY = Library("nngeometry", "nngeometry", extra="nngeometry")
+
 
 _VARIANTS = {
     "CrossEntropyLoss": "classif_logits",
     "MSELoss": "regression",
     "BCEWithLogitsLoss": "classif_binary_logits",
 }
-
-
-def _import_nngeometry() -> Any:
-    """Import ``nngeometry`` lazily.
-
-    Returns:
-        The ``nngeometry`` module with ``metrics``, ``object`` and
-        ``layercollection`` loaded.
-
-    Raises:
-        ImportError: If nngeometry is not installed, with an install hint.
-    """
-    try:
-        import nngeometry
-        import nngeometry.layercollection
-        import nngeometry.metrics
-        import nngeometry.object
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(_INSTALL_HINT) from err
-    return nngeometry
-
-
-def library_version() -> str | None:
-    """Return the installed ``nngeometry`` distribution version, or ``None``."""
-    return distribution_version("nngeometry")
-
-
-def _joint_to_torch_order(out_features: int, in_features: int) -> torch.Tensor:
-    """Permutation from rvec([W | b]) to PyTorch's ``[rvec(W); b]``."""
-    idx = torch.arange(out_features * (in_features + 1)).reshape(
-        out_features, in_features + 1
-    )
-    return torch.cat([idx[:, :in_features].flatten(), idx[:, in_features]])
 
 
 class _NngeometryBase:
@@ -107,7 +72,7 @@ class _NngeometryBase:
     def _check(self, request: KFACRequest, modules: dict[str, nn.Module]) -> None:
         """Raise ``NotImplementedError`` for requests outside the capabilities."""
         caps = self.capabilities
-        check_flavour(self.name, caps, request)
+        check_request(self.name, caps, request)
         if request.fisher_type == "mc" and request.loss_name != "CrossEntropyLoss":
             raise NotImplementedError(f"{self.name}: MC only for CrossEntropyLoss")
         X = request.data[0][0]
@@ -156,16 +121,10 @@ class _NngeometryBase:
         Raises:
             NotImplementedError: If the request is outside the capabilities.
         """
-        nng = _import_nngeometry()
+        nng = LIBRARY.load("layercollection", "metrics", "object")
         from torch.utils.data import DataLoader, TensorDataset
 
-        wanted = set(request.layers)
-        modules = {
-            name: mod
-            for name, mod in request.model.named_modules()
-            if isinstance(mod, (nn.Linear, nn.Conv2d))
-            and (not wanted or name in wanted)
-        }
+        modules = request.modules()
         self._check(request, modules)
         model = copy.deepcopy(request.model)
         copies = dict(model.named_modules())
@@ -212,15 +171,11 @@ class _NngeometryBase:
                 pmat.update_diag(loader)
 
         N = request.num_data
-        with torch.no_grad():
-            out = request.model(request.data[0][0][:1])
-        if request.reduction == "sum":
-            R = 1.0
-        elif request.loss_name == "CrossEntropyLoss":
-            R = 1.0 / (N * math.prod(out.shape[2:]))
-        else:
-            R = 1.0 / (N * math.prod(out.shape[1:]))
-        factor = R * N * (2.0 if request.loss_name == "MSELoss" else 1.0)
+        factor = (
+            request.reduction_factor
+            * N
+            * (2.0 if request.loss_name == "MSELoss" else 1.0)
+        )
 
         result: dict[str, KroneckerFactors | DenseBlock] = {}
         for name, mod in modules.items():
@@ -238,8 +193,7 @@ class _NngeometryBase:
             Q = torch.kron(evecs_g, evecs_a)
             M = factor * (Q * diags[name].reshape(-1)) @ Q.T
             if has_bias:
-                out_f = mod.weight.shape[0]
-                perm = _joint_to_torch_order(out_f, mod.weight[0].numel())
+                perm = joint_to_canonical_permutation(*weight_shape_2d(mod))
                 M = M[perm][:, perm]
             result[name] = DenseBlock(matrix=M.detach().clone(), layout="rvec")
         return result
@@ -283,3 +237,30 @@ ADAPTERS: dict[str, type[_NngeometryBase]] = {
     NngeometryKFAC.name: NngeometryKFAC,
     NngeometryEKFAC.name: NngeometryEKFAC,
 }
+
+
+# Where the library is right (every selected check passes) and its findings
+# (docs/findings.md), which must stay visible: tests/test_adapters.py runs them.
+EXPECTATIONS = [
+    Expectation(
+        "nngeometry-kfac",
+        "deep_linear_d2_bias_mse_mean",
+        "exact_*_type-2_*,agree_type-2_*,batch_split,shuffle,current_parameters,wellformed",
+    ),
+    Expectation(
+        "nngeometry-kfac", "one_datum_bce_soft_mean", "exact_*_type-2_*,agree_type-2_*"
+    ),
+    Expectation(
+        "nngeometry-ekfac",
+        "mlp_tanh_bce_mean",
+        "exact_*_type-2_*,agree_type-2_*,batch_split",
+    ),
+    Expectation(
+        "nngeometry-kfac",
+        "one_datum_cro_mean",
+        "exact_E1_*",
+        "error",
+        text="double != float",
+        finding="nngeometry 1",
+    ),
+]

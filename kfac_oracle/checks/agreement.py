@@ -1,57 +1,63 @@
-"""Agreement: everywhere, the candidate equals the reference KFAC of its flavour.
+"""Agreement: everywhere, the candidate equals the reference of its flavour.
 
-Flavours: type-2, empirical, forward-only; expand and, with weight sharing, reduce.
-Tolerance: a relative Frobenius error of 1e-10 in float64.
+For every layer and deterministic fisher type (type-2, empirical, forward-only), with
+expand and, where positions share a weight, reduce: the candidate's block equals the
+reference block of its approximation (KFAC, or EKFAC for EKFAC candidates) to a
+relative Frobenius error of 1e-10 (float64).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from kfac_oracle.catalogue import Case
-from kfac_oracle.checks.base import CheckItem, CheckSession, RequestKey, Unsupported
-from kfac_oracle.checks.compare import compare_layer
-from kfac_oracle.checks.diagnose import diagnose_item, supported_or_raise
+from kfac_oracle.checks.compare import compare_blocks
+from kfac_oracle.checks.context import CheckContext
+from kfac_oracle.checks.diagnose import diagnose_layer
+from kfac_oracle.checks.outcome import Outcome
+from kfac_oracle.checks.registry import Target, check, family
+from kfac_oracle.errors import Unsupported
+from kfac_oracle.flavours import Flavour, KFACApprox, deterministic_fisher_types
 
-FLAVOURS = ("type-2", "empirical", "forward-only")
+family(rank=2)
 
 
-def approxes(case: Case) -> tuple[str, ...]:
+def approximations(case: Case) -> tuple[KFACApprox, ...]:
     """Both approximations with weight sharing; without, they coincide (expand)."""
-    return ("expand",) if case.setting == "none" else ("expand", "reduce")
+    if case.setting == "none":
+        return (KFACApprox.EXPAND,)
+    return (KFACApprox.EXPAND, KFACApprox.REDUCE)
 
 
-def items(impl, case: Case) -> list[CheckItem]:
-    """One item per layer, deterministic flavour and approximation."""
-    return [
-        _item(case, layer, ft, approx)
-        for ft in FLAVOURS
-        for approx in approxes(case)
-        for layer in case.layers
-    ]
+def every_flavour(case: Case) -> Iterator[Target]:
+    """One target per deterministic fisher type, approximation and layer."""
+    for ft in deterministic_fisher_types():
+        for approx in approximations(case):
+            for layer in case.layers:
+                yield Target(f"agree_{ft}_{approx}", layer, str(ft), str(approx))
 
 
-def _item(case: Case, layer: str, fisher_type: str, approx: str) -> CheckItem:
-    key = RequestKey(case.id, fisher_type, approx)
+@check(targets=every_flavour, diagnose=diagnose_layer)
+def agree(ctx: CheckContext, *, fisher_type: str, kfac_approx: str) -> Outcome:
+    """The candidate equals the reference of its approximation and flavour.
 
-    def run(session: CheckSession):
-        supported_or_raise(session.impl, case, fisher_type, approx)
-        if session.approximation == "ekfac" and fisher_type == "forward-only":
-            raise Unsupported("EKFAC has no forward-only flavour")
-        result = session.candidate(case, key)
-        bias = result.bias[layer] if result.bias[layer] != "none" else "joint"
-        if layer in session.ekfac_ambiguous(case, fisher_type, approx, bias):
-            raise Unsupported(
-                "EKFAC is not unique here: a Kronecker factor has a repeated "
-                "eigenvalue, so the eigenbasis (and EKFAC) depends on the solver"
-            )
-        reference = session.reference_blocks(case, fisher_type, approx, bias)[layer]
-        what = f"layer {layer} vs reference KFAC ({fisher_type}, {approx})"
-        return compare_layer(session, case, layer, result, reference, what)
-
-    return CheckItem(
-        f"agree_{fisher_type}_{approx}",
-        "agreement",
-        case,
-        layer,
-        run,
-        diagnose_item(case, layer, key),
+    The reference is computed from the definition (docs/theory.md §4) on the same
+    model, loss and data; layers where the approximation has no unique answer (EKFAC
+    with a repeated eigenvalue) are unsupported.
+    """
+    assert ctx.layer is not None
+    result = ctx.candidate(ctx.key(fisher_type, kfac_approx))
+    flavour = Flavour(
+        fisher_type, kfac_approx, ctx.reference_bias(result.bias[ctx.layer])
+    )
+    if ctx.layer in ctx.ambiguous(flavour):
+        raise Unsupported(
+            "EKFAC is not unique here: a Kronecker factor has a repeated "
+            "eigenvalue, so the eigenbasis (and EKFAC) depends on the solver"
+        )
+    reference = ctx.reference(flavour)[ctx.layer]
+    title = ctx.approximation.title.removeprefix("reference ")
+    what = f"layer {ctx.layer} vs reference {title} ({fisher_type}, {kfac_approx})"
+    return compare_blocks(
+        result.blocks[ctx.layer], reference, result.bias[ctx.layer], ctx.module(), what
     )

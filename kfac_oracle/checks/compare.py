@@ -8,15 +8,25 @@ result declares ``bias="none"`` fails: the bias block is missing.
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from kfac_oracle.checks.base import EXACT_RTOL, rel_error
+from kfac_oracle.checks.outcome import Outcome
 from kfac_oracle.conventions import weight_shape_2d
+from kfac_oracle.flavours import BiasMode
+
+EXACT_RTOL = 1e-10
 
 
-def masked_reference(reference: Tensor, bias_mode: str, module) -> Tensor:
+def rel_error(candidate: Tensor, reference: Tensor) -> float:
+    """``‖C − B‖_F / ‖B‖_F`` (absolute error when ``B = 0``)."""
+    diff = (candidate - reference).norm().item()
+    scale = reference.norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def masked_reference(reference: Tensor, bias_mode: str, module: nn.Module) -> Tensor:
     """The reference with the weight-bias cross terms zeroed for ``"separate"``."""
-    if bias_mode != "separate":
+    if bias_mode != BiasMode.SEPARATE:
         return reference
     d_out, d_in = weight_shape_2d(module)
     n_w = d_out * d_in
@@ -26,33 +36,24 @@ def masked_reference(reference: Tensor, bias_mode: str, module) -> Tensor:
     return out
 
 
-def compare_layer(session, case, layer: str, result, reference: Tensor, what: str):
-    """Compare one layer of a candidate's result with a reference block.
-
-    Keeps both blocks for ``--plots`` (dropped again unless the check fails).
-    """
-    module = session.problem(case).model.get_submodule(layer)
-    session.plot_blocks[session.current_item] = (result.blocks[layer], reference)
-    return compare_blocks(
-        result.blocks[layer], reference, result.bias[layer], module, what
-    )
-
-
 def compare_blocks(
     candidate: Tensor,
     reference: Tensor,
     bias_mode: str,
-    module,
+    module: nn.Module,
     what: str,
     rtol: float = EXACT_RTOL,
-) -> tuple[str, float | None, float, str]:
-    """``(status, relative error, tolerance, message)`` of one block comparison."""
+) -> Outcome:
+    """Compare one block with a reference block at relative Frobenius error ``rtol``.
+
+    The outcome carries both blocks (for plots) when the comparison fails.
+    """
     has_bias = getattr(module, "bias", None) is not None
-    if has_bias and bias_mode == "none":
+    if has_bias and bias_mode == BiasMode.NONE:
         d_out, d_in = weight_shape_2d(module)
         n_w = d_out * d_in
         err = rel_error(candidate, reference[:n_w, :n_w])
-        return (
+        return Outcome(
             "failed",
             None,
             rtol,
@@ -62,10 +63,10 @@ def compare_blocks(
     reference = masked_reference(reference, bias_mode, module)
     err = rel_error(candidate, reference)
     if err <= rtol:
-        return "passed", err, rtol, f"{what}: relative error {err:.3e}"
+        return Outcome("passed", err, rtol, f"{what}: relative error {err:.3e}")
     diff = (candidate - reference).abs()
     worst = divmod(int(diff.argmax()), diff.shape[1])
-    return (
+    return Outcome(
         "failed",
         err,
         rtol,
@@ -73,4 +74,5 @@ def compare_blocks(
         f"{diff.max().item():.3e} at entry {worst} (candidate "
         f"{candidate[worst].item():.6g}, reference {reference[worst].item():.6g}); "
         f"block {tuple(candidate.shape)}",
+        blocks=(candidate, reference),
     )

@@ -1,39 +1,35 @@
-"""Glue between check items and :mod:`kfac_oracle.diagnosis`."""
+"""Glue between comparison checks and :mod:`kfac_oracle.diagnosis`."""
 
 from __future__ import annotations
 
-from kfac_oracle.catalogue import Case
-from kfac_oracle.checks.base import (
-    CheckSession,
-    RequestKey,
-    Unsupported,
-    unsupported_reason,
-)
+from typing import Any
+
+from kfac_oracle.checks.context import CheckContext
+from kfac_oracle.checks.outcome import Outcome
 from kfac_oracle.diagnosis import diagnose
 
 
-def supported_or_raise(impl, case: Case, fisher_type=None, kfac_approx=None) -> None:
-    """Raise :class:`Unsupported` when the candidate's capabilities exclude this."""
-    reason = unsupported_reason(impl, case, fisher_type, kfac_approx)
-    if reason:
-        raise Unsupported(reason)
-
-
-def diagnose_item(case: Case, layer: str, key: RequestKey):
-    """A diagnosis callback for a failed comparison of ``layer`` under ``key``."""
-
-    def run(session: CheckSession) -> str:
-        result = session.candidate(case, key)
-        problem = session.problem(case, key.variant)
-        return diagnose(
-            result.blocks[layer],
-            problem,
-            layer,
-            key.fisher_type,
-            key.kfac_approx,
-            result.bias[layer],
-            key.mc_samples,
-            key.seed,
-        )
-
-    return run
+def diagnose_layer(
+    ctx: CheckContext,
+    outcome: Outcome,
+    *,
+    fisher_type: str,
+    kfac_approx: str,
+    mc_samples: int = 1,
+    seed: int = 0,
+    **_: Any,
+) -> str | None:
+    """Name the pitfall behind a failed comparison of the check's layer."""
+    assert ctx.layer is not None
+    key = ctx.key(fisher_type, kfac_approx, mc_samples, seed)
+    result = ctx.candidate(key)
+    return diagnose(
+        result.blocks[ctx.layer],
+        ctx.problem(key.variant),
+        ctx.layer,
+        fisher_type,
+        kfac_approx,
+        result.bias[ctx.layer],
+        mc_samples,
+        seed,
+    )

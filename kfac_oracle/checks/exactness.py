@@ -1,49 +1,59 @@
 """Exactness: where the catalogue claims KFAC is exact, so must the candidate be.
 
-The candidate must equal the exact block (type-2 ↔ GGN, empirical ↔ empirical
-Fisher) to a relative error of 1e-10.
-
-Claims about MC-KFAC for the *same* samples (E1) need the oracle's own sampling and
-are checked on the reference only; candidates' MC is checked statistically (``mc``).
+Positive claims of the catalogue (docs/theory.md §5, E1–E5) name a flavour for which
+KFAC provably equals an exact curvature block: type-2 ↔ GGN, empirical ↔ empirical
+Fisher. The candidate's block must match it to a relative Frobenius error of 1e-10
+(float64). Claims about MC-KFAC for the *same* samples need the oracle's own sampling;
+they are checked on the reference (the tests), and a candidate's MC statistically
+(the ``mc`` family).
 """
 
 from __future__ import annotations
 
-from kfac_oracle.catalogue import Case, Claim
-from kfac_oracle.checks.base import CheckItem, CheckSession, RequestKey, Unsupported
-from kfac_oracle.checks.compare import compare_layer
-from kfac_oracle.checks.diagnose import diagnose_item, supported_or_raise
+from collections.abc import Iterator
 
-KIND = {"type-2": "ggn", "empirical": "empirical"}
+from kfac_oracle.catalogue import Case
+from kfac_oracle.checks.compare import compare_blocks
+from kfac_oracle.checks.context import CheckContext
+from kfac_oracle.checks.diagnose import diagnose_layer
+from kfac_oracle.checks.outcome import Outcome
+from kfac_oracle.checks.registry import Target, check, family
+from kfac_oracle.flavours import FisherType
+
+family(rank=1)
 
 
-def items(impl, case: Case) -> list[CheckItem]:
-    """One item per (layer, positive ``kfac`` claim with a deterministic flavour)."""
-    out = []
+def positive_claims(case: Case) -> Iterator[Target]:
+    """One target per layer and positive ``kfac`` claim with an exact counterpart."""
     for layer in case.layers:
         for claim in case.claims_for(layer):
             if claim.statement != "kfac" or not claim.holds:
                 continue
-            if claim.fisher_type not in KIND:
+            kind = FisherType.parse(claim.fisher_type).exact_curvature
+            if kind is None:
                 continue
-            out.append(_item(case, layer, claim))
-    return out
+            yield Target(
+                f"exact_{claim.equivalence}_{claim.fisher_type}_{claim.kfac_approx}",
+                layer,
+                claim.fisher_type,
+                claim.kfac_approx,
+                {"kind": kind, "claim": claim.id},
+            )
 
 
-def _item(case: Case, layer: str, claim: Claim) -> CheckItem:
-    key = RequestKey(case.id, claim.fisher_type, claim.kfac_approx)
-    name = f"exact_{claim.equivalence}_{claim.fisher_type}_{claim.kfac_approx}"
+@check(targets=positive_claims, diagnose=diagnose_layer)
+def exact(
+    ctx: CheckContext, *, fisher_type: str, kfac_approx: str, kind: str, claim: str
+) -> Outcome:
+    """KFAC of the claimed flavour equals the exact block (type-2 ↔ GGN, EF ↔ EF).
 
-    def run(session: CheckSession):
-        supported_or_raise(session.impl, case, claim.fisher_type, claim.kfac_approx)
-        result = session.candidate(case, key)
-        reference = session.exact_block(case, layer, KIND[claim.fisher_type])
-        what = f"layer {layer} vs exact {KIND[claim.fisher_type]} block ({claim.id})"
-        return compare_layer(session, case, layer, result, reference, what)
-
-    return CheckItem(
-        name, "exactness", case, layer, run, diagnose_item(case, layer, key)
+    Holds exactly under the conditions of the claimed equivalence (E1 one datum, E2
+    affine tail and MSE, E3 expand setting, E4 reduce setting, E5 convolutions).
+    """
+    assert ctx.layer is not None
+    result = ctx.candidate(ctx.key(fisher_type, kfac_approx))
+    reference = ctx.references.exact_block(ctx.case, ctx.layer, kind)
+    what = f"layer {ctx.layer} vs exact {kind} block ({claim})"
+    return compare_blocks(
+        result.blocks[ctx.layer], reference, result.bias[ctx.layer], ctx.module(), what
     )
-
-
-__all__ = ["items", "Unsupported"]

@@ -1,4 +1,4 @@
-"""Transformations of a problem under which KFAC must behave predictably (notes §6).
+"""Transformations of a problem under which KFAC behaves predictably (theory §6).
 
 - ``split``: the same data re-split into batches of other, unequal sizes → same KFAC;
 - ``shuffle``: the data points permuted (and re-split) → same KFAC;
@@ -20,7 +20,9 @@ from kfac_oracle.problem import Problem
 VARIANTS = ("base", "repeat", "split", "shuffle", "sum", "perturbed", "flatten")
 
 
-def resplit(X, y, sizes):
+def resplit(
+    X: torch.Tensor, y: torch.Tensor, sizes: list[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of the given sizes from concatenated data."""
     data, start = [], 0
     for size in sizes:
@@ -33,7 +35,8 @@ def other_split(N: int) -> list[int]:
     """Unequal batch sizes different from the catalogue's: ``[1, 2, ..., rest]``."""
     if N == 1:
         return [1]
-    sizes, k = [], 1
+    sizes: list[int] = []
+    k = 1
     while sum(sizes) + k < N:
         sizes.append(k)
         k += 1
@@ -68,7 +71,7 @@ def make_variant(problem: Problem, variant: str) -> Problem:
                 p.add_(0.5 * noise.to(p.device))
         return Problem(model, problem.loss_func, problem.data)
     if variant == "flatten":
-        model = torch.nn.Sequential(*problem.model, torch.nn.Flatten())
+        model = torch.nn.Sequential(*list(problem.model.children()), torch.nn.Flatten())
         data = [(Xb, yb.flatten(1)) for Xb, yb in problem.data]
         return Problem(model, problem.loss_func, data)
     raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kfac_oracle.contract import FULL_CAPABILITIES, KFACRequest, KroneckerFactors
+from kfac_oracle.flavours import Flavour
 from kfac_oracle.problem import Problem
 from kfac_oracle.reference.kfac import KFACSteps
 
@@ -28,12 +29,13 @@ class ReferenceKFAC:
             request.model, request.loss_func, request.data, check_outputs=False
         )
         bias = request.bias or self.bias
+        flavour = Flavour(
+            request.fisher_type,
+            request.kfac_approx,
+            bias,
+            request.mc_samples,
+            request.seed,
+        )
         return self.steps_class().factors(
-            problem,
-            fisher_type=request.fisher_type,
-            kfac_approx=request.kfac_approx,
-            bias=bias,
-            mc_samples=request.mc_samples,
-            seed=request.seed,
-            layers=list(request.layers) or None,
+            problem, flavour, list(request.layers) or None
         )

@@ -1,4 +1,4 @@
-r"""Reference EKFAC (eigenvalue-corrected KFAC, George et al. 2018), notes §5 E7.
+r"""Reference EKFAC (George et al. 2018): eigenvalue-corrected KFAC, theory E7.
 
 KFAC's factors ``A = U_A diag(α) U_Aᵀ`` and ``G = U_G diag(γ) U_Gᵀ`` define the
 Kronecker eigenbasis ``Q = U_G ⊗ U_A`` (rvec). EKFAC keeps ``Q`` and replaces KFAC's
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from kfac_oracle.conventions import joint_to_canonical_permutation
+from kfac_oracle.flavours import BiasMode, Flavour
 from kfac_oracle.problem import Problem
 from kfac_oracle.reference.kfac import KFACSteps
 
@@ -66,6 +67,7 @@ def eigenvalue_vector(factors: EKFACFactors) -> Tensor:
     """``Λ`` flattened in the column order of :func:`kronecker_eigenbasis`."""
     lam = factors.eigenvalues.reshape(-1)
     if factors.bias == "separate":
+        assert factors.bias_eigenvalues is not None
         lam = torch.cat([lam, factors.bias_eigenvalues])
     return lam
 
@@ -78,36 +80,38 @@ def ekfac_block(factors: EKFACFactors) -> Tensor:
 
 def ekfac(
     problem: Problem,
-    fisher_type: str = "type-2",
-    kfac_approx: str = "expand",
-    bias: str = "joint",
-    mc_samples: int = 1,
-    seed: int = 0,
+    flavour: Flavour | str | None = None,
     layers: Sequence[str] | None = None,
+    **fields: object,
 ) -> dict[str, EKFACFactors]:
     """Reference EKFAC per layer (formulas in the module docstring).
 
-    The eigenbasis comes from the KFAC factors of ``kfac_approx``; the eigenvalue
-    correction uses the exact per-datum gradients (summed over shared positions) of
-    the flavour ``fisher_type`` with the same MC samples as KFAC.
+    The eigenbasis comes from the KFAC factors of the flavour's ``kfac_approx``; the
+    eigenvalue correction uses the exact per-datum gradients (summed over shared
+    positions) of its ``fisher_type`` with the same MC samples as KFAC. Arguments as
+    for :func:`kfac_oracle.reference.kfac.kfac`.
     """
-    if fisher_type == "forward-only":
-        raise ValueError("EKFAC needs gradients; forward-only has none")
+    flavour = Flavour.of(flavour, **fields)
+    if not flavour.fisher_type.info.backpropagates:
+        raise ValueError(f"EKFAC needs gradients; {flavour.fisher_type} has none")
     steps = KFACSteps()
-    kfac_factors = steps.factors(
-        problem, fisher_type, kfac_approx, bias, mc_samples, seed, layers
-    )
+    kfac_factors = steps.factors(problem, flavour, layers)
     layers = list(kfac_factors)
     bases = {}
     for name, f in kfac_factors.items():
         UA = torch.linalg.eigh(f.input_covariance).eigenvectors
         UG = torch.linalg.eigh(f.gradient_covariance).eigenvectors
         bases[name] = (UA, UG)
-    bias_columns = {name: f.bias == "joint" for name, f in kfac_factors.items()}
+    bias_columns = {name: f.bias == BiasMode.JOINT for name, f in kfac_factors.items()}
     lam: dict[str, Tensor] = {}
     lam_b: dict[str, Tensor] = {}
     for stats in steps.statistics(
-        problem, layers, fisher_type, bias_columns, mc_samples, seed
+        problem,
+        layers,
+        flavour.fisher_type,
+        bias_columns,
+        flavour.mc_samples,
+        flavour.seed,
     ):
         for name, st in stats.items():
             UA, UG = bases[name]
@@ -115,7 +119,7 @@ def ekfac(
             g = st.gradients @ UG  # (K, B, S, D_out)
             rotated = torch.einsum("knsi,nsj->knij", g, x)
             _add(lam, name, rotated.square().sum((0, 1)))
-            if kfac_factors[name].bias == "separate":
+            if kfac_factors[name].bias == BiasMode.SEPARATE:
                 _add(lam_b, name, g.sum(2).square().sum((0, 1)))
     return {
         name: EKFACFactors(

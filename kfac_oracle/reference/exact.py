@@ -1,6 +1,7 @@
 """Exact curvature matrices by autodiff: dense, per layer, and matrix-free.
 
-With ``L(θ) = R Σ_n ℓ_n`` over the whole data set (notes §1), ``J_n = ∂f(x_n)/∂θ``
+With ``L(θ) = R Σ_n ℓ_n`` over the whole data set (docs/theory.md §1), ``J_n =
+∂f(x_n)/∂θ``
 (flattened output × P) and ``H_n = ∇²_f ℓ_n = S_n S_nᵀ`` (the closed-form symmetric
 factor of :func:`kfac_oracle.losses.output_hessian_sqrt`, tested against the autodiff
 Hessian of the loss; the matrix-free GGN product uses the autodiff Hessian):
@@ -126,7 +127,7 @@ def curvature_matrix(
     labels = mc_labels(problem, mc_samples, seed) if kind == "mc" else None
 
     if kind == "hessian":
-        result = torch.zeros(P, P, dtype=problem.dtype, device=problem.device)
+        hess = torch.zeros(P, P, dtype=problem.dtype, device=problem.device)
         flat = subset.flatten(theta)
         for X, y in problem.data:
 
@@ -134,10 +135,10 @@ def curvature_matrix(
                 f = subset.forward(subset.unflatten(v), X)
                 return per_datum_loss(loss_name, f, y).sum()
 
-            result += torch.func.hessian(batch_loss)(flat)
-        return result * R
+            hess += torch.func.hessian(batch_loss)(flat)
+        return hess * R
 
-    result = None
+    result: Tensor | None = None
     for b, (X, y) in enumerate(problem.data):
         with torch.no_grad():
             output = subset.forward(theta, X)
@@ -159,9 +160,11 @@ def curvature_matrix(
             U = torch.einsum("knf,nfp->knp", S, J).reshape(-1, P)
             result = _accumulate(result, gram(U))
         else:  # mc
+            assert labels is not None
             g = _output_gradients(loss_name, output, labels[b])  # (M, B, F)
             U = torch.einsum("mnf,nfp->mnp", g, J).reshape(-1, P)
             result = _accumulate(result, gram(U).div_(mc_samples))
+    assert result is not None, "the problem has no data"
     return result.mul_(R)
 
 
@@ -272,21 +275,22 @@ class CurvatureOperator:
                 def batch_loss(p, X=X, y=y):
                     return per_datum_loss(loss_name, subset.forward(p, X), y).sum()
 
-                _, hv = jvp(grad(batch_loss), (theta,), (tangent,))
+                hv = jvp(grad(batch_loss), (theta,), (tangent,))[1]
                 out += subset.flatten(hv)
             elif self.kind in ("ggn", "type-2"):
-                f, Jv = jvp(forward, (theta,), (tangent,))
+                f, Jv = jvp(forward, (theta,), (tangent,))[:2]
 
                 def loss_of_f(f, y=y):
                     return per_datum_loss(loss_name, f, y).sum()
 
-                _, HJv = jvp(grad(loss_of_f), (f.detach(),), (Jv,))
-                _, pullback = vjp(forward, theta)
+                HJv = jvp(grad(loss_of_f), (f.detach(),), (Jv,))[1]
+                pullback = vjp(forward, theta)[1]
                 out += subset.flatten(pullback(HJv)[0])
             else:
                 if self.kind == "empirical":
                     targets, weight = y.unsqueeze(0), 1.0
                 else:
+                    assert self._labels is not None
                     targets, weight = self._labels[b], 1.0 / self.mc_samples
 
                 def losses(p, X=X, targets=targets):
@@ -296,8 +300,8 @@ class CurvatureOperator:
                     flat_t = targets.reshape(-1, *targets.shape[2:])
                     return per_datum_loss(loss_name, flat_f, flat_t)
 
-                _, d = jvp(losses, (theta,), (tangent,))
-                _, pullback = vjp(losses, theta)
+                d = jvp(losses, (theta,), (tangent,))[1]
+                pullback = vjp(losses, theta)[1]
                 out += subset.flatten(pullback(d * weight)[0])
         return out * R
 

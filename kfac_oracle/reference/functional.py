@@ -1,7 +1,7 @@
 """The model as a function of a chosen subset of its parameters (torch.func plumbing).
 
 Parameters are flattened row-major (rvec, PyTorch's ``flatten``) and concatenated in
-``model.named_parameters()`` order: the canonical layout of notes §3.
+``model.named_parameters()`` order: the canonical layout of docs/theory.md §3.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-r"""A from-scratch reference KFAC for Linear and Conv2d layers (notes §4).
+r"""A from-scratch reference KFAC for Linear and Conv2d layers (docs/theory.md §4).
 
-Math (rvec layout, ``G ⊗ A``; notes §3-§4). For a layer ``z = W ã`` with (augmented)
+Math (rvec layout, ``G ⊗ A``; docs/theory.md §3-§4). For a layer ``z = W ã`` with
+(augmented)
 input ``ã`` and output ``z``, backpropagate vectors ``v`` from the model output and read
 ``g = ∂(vᵀ f)/∂z``:
 
@@ -32,26 +33,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kfac_oracle.contract import (
-    BIAS_MODES,
-    FISHER_TYPES,
-    KFAC_APPROXES,
-    KroneckerFactors,
-)
+from kfac_oracle.contract import KroneckerFactors
+from kfac_oracle.conventions import weight_shape_2d
+from kfac_oracle.errors import UnsupportedLayerError
+from kfac_oracle.flavours import BiasMode, FisherType, Flavour, KFACApprox
 from kfac_oracle.losses import output_gradient, output_hessian_sqrt
 from kfac_oracle.problem import Problem, validate_output
 from kfac_oracle.reference.exact import gram, mc_labels
 
 SUPPORTED_MODULES = (nn.Linear, nn.Conv2d)
-
-
-class UnsupportedLayerError(ValueError):
-    """Raised for a layer the reference KFAC does not define."""
 
 
 def supported_layers(model: nn.Module) -> list[str]:
@@ -134,11 +130,11 @@ class KFACSteps:
     """The steps of the reference KFAC, one overridable method each.
 
     The reference uses this class as is; the mutation meta-tests subclass it and break
-    one step (a pitfall of notes §7) at a time.
+    one step (a pitfall of docs/theory.md §7) at a time.
     """
 
     def reduction_factor(self, problem: Problem) -> float:
-        """``R`` of notes §1."""
+        """``R`` of docs/theory.md §1."""
         return problem.reduction_factor
 
     def labels(self, problem: Problem, mc_samples: int, seed: int) -> list[Tensor]:
@@ -166,11 +162,12 @@ class KFACSteps:
         R = self.reduction_factor(problem)
         loss_name = problem.loss_name
         f = output.detach()
-        if fisher_type == "type-2":
+        if fisher_type == FisherType.TYPE2:
             return self.hessian_sqrt(loss_name, f) * R**0.5
-        if fisher_type == "empirical":
+        if fisher_type == FisherType.EMPIRICAL:
             return self.output_gradient(loss_name, f, y).unsqueeze(0) * R**0.5
-        if fisher_type == "mc":
+        if fisher_type == FisherType.MC:
+            assert labels is not None
             grads = [self.output_gradient(loss_name, f, lab) for lab in labels]
             return torch.stack(grads) * (R / mc_samples) ** 0.5
         raise ValueError(f"fisher_type {fisher_type!r} has no backpropagated vectors")
@@ -198,7 +195,8 @@ class KFACSteps:
         modules = {name: model.get_submodule(name) for name in layers}
         for name, module in modules.items():
             check_layer(name, module)
-        labels = self.labels(problem, mc_samples, seed) if fisher_type == "mc" else None
+        stochastic = FisherType.parse(fisher_type).stochastic
+        labels = self.labels(problem, mc_samples, seed) if stochastic else None
 
         for b, (X, y) in enumerate(problem.data):
             inputs: dict[str, Tensor] = {}
@@ -231,7 +229,7 @@ class KFACSteps:
             validate_output(problem.loss_name, output.detach(), y, b)
 
             grads: dict[str, Tensor | None] = dict.fromkeys(layers)
-            if fisher_type != "forward-only":
+            if FisherType.parse(fisher_type).info.backpropagates:
                 V = self.backpropagated_vectors(
                     problem,
                     fisher_type,
@@ -248,43 +246,43 @@ class KFACSteps:
                     inputs=self.layer_inputs(
                         modules[name], inputs[name], bias_columns[name]
                     ),
-                    gradients=None
-                    if grads[name] is None
-                    else layer_output_gradients(modules[name], grads[name]),
+                    gradients=_optional(
+                        layer_output_gradients, modules[name], grads[name]
+                    ),
                 )
                 for name in layers
             }
 
     def normalisation(self, num_data: int, positions: int, kfac_approx: str) -> float:
         """The divisor of ``A``: ``N·S`` for expand, ``N`` for reduce."""
-        return num_data * positions if kfac_approx == "expand" else num_data
+        return num_data * positions if kfac_approx == KFACApprox.EXPAND else num_data
 
     def reduce_inputs(self, x: Tensor, kfac_approx: str) -> Tensor:
         """Expand keeps every position; reduce averages them: ``ā_n = mean_s ã``."""
-        return x.mean(1, keepdim=True) if kfac_approx == "reduce" else x
+        return x.mean(1, keepdim=True) if kfac_approx == KFACApprox.REDUCE else x
 
     def reduce_gradients(self, g: Tensor, kfac_approx: str) -> Tensor:
         """Expand keeps every position; reduce sums them: ``ḡ = Σ_s g``."""
-        return g.sum(2, keepdim=True) if kfac_approx == "reduce" else g
+        return g.sum(2, keepdim=True) if kfac_approx == KFACApprox.REDUCE else g
 
     def factors(
         self,
         problem: Problem,
-        fisher_type: str = "type-2",
-        kfac_approx: str = "expand",
-        bias: str = "joint",
-        mc_samples: int = 1,
-        seed: int = 0,
+        flavour: Flavour | str | None = None,
         layers: Sequence[str] | None = None,
+        **fields: object,
     ) -> dict[str, KroneckerFactors]:
         """KFAC factors per layer; see :func:`kfac`."""
-        _check_flavour(fisher_type, kfac_approx, bias, mc_samples)
+        flavour = Flavour.of(flavour, **fields)
+        fisher_type, kfac_approx = flavour.fisher_type, flavour.kfac_approx
+        mc_samples, seed = flavour.mc_samples, flavour.seed
         layers = list(supported_layers(problem.model) if layers is None else layers)
         modes = {}
         for name in layers:
             module = problem.model.get_submodule(name)
-            modes[name] = bias if getattr(module, "bias", None) is not None else "none"
-        bias_columns = {name: modes[name] == "joint" for name in layers}
+            has_bias = getattr(module, "bias", None) is not None
+            modes[name] = flavour.bias if has_bias else BiasMode.NONE
+        bias_columns = {name: modes[name] == BiasMode.JOINT for name in layers}
 
         A_sums: dict[str, Tensor] = {}
         G_sums: dict[str, Tensor] = {}
@@ -307,8 +305,8 @@ class KFACSteps:
             A = A_sums[name] / self.normalisation(
                 problem.num_data, positions[name], kfac_approx
             )
-            if fisher_type == "forward-only":
-                d_out = problem.model.get_submodule(name).weight.shape[0]
+            if not fisher_type.info.backpropagates:
+                d_out = weight_shape_2d(problem.model.get_submodule(name))[0]
                 G = torch.eye(d_out, dtype=A.dtype, device=A.device)
             else:
                 G = G_sums[name]
@@ -316,6 +314,10 @@ class KFACSteps:
                 input_covariance=A, gradient_covariance=G, bias=modes[name]
             )
         return result
+
+
+def _optional(fn: Any, module: nn.Module, g: Tensor | None) -> Tensor | None:
+    return None if g is None else fn(module, g)
 
 
 def _batched_grad(output: Tensor, eps_list: list[Tensor], V: Tensor) -> list[Tensor]:
@@ -339,44 +341,27 @@ def _batched_grad(output: Tensor, eps_list: list[Tensor], V: Tensor) -> list[Ten
 
 def kfac(
     problem: Problem,
-    fisher_type: str = "type-2",
-    kfac_approx: str = "expand",
-    bias: str = "joint",
-    mc_samples: int = 1,
-    seed: int = 0,
+    flavour: Flavour | str | None = None,
     layers: Sequence[str] | None = None,
+    **fields: object,
 ) -> dict[str, KroneckerFactors]:
     """Reference KFAC factors per layer (module docstring has the formulas).
 
     Args:
         problem: Model, loss and data.
-        fisher_type: ``"type-2"``, ``"mc"``, ``"empirical"`` or ``"forward-only"``.
-        kfac_approx: ``"expand"`` or ``"reduce"``.
-        bias: ``"joint"``, ``"separate"`` or ``"none"`` (layers without bias get
-            ``"none"``).
-        mc_samples: M for ``fisher_type="mc"``.
-        seed: Seed of the MC labels.
+        flavour: A :class:`~kfac_oracle.flavours.Flavour`, or a fisher type
+            (``"type-2"``, ``"mc"``, ``"empirical"``, ``"forward-only"``); further
+            fields (``kfac_approx``, ``bias``, ``mc_samples``, ``seed``) as keywords.
+            Layers without a bias get ``bias="none"``.
         layers: Module names (default: every Linear and Conv2d).
+        **fields: Flavour fields overriding ``flavour``'s.
 
     Returns:
         ``{layer: KroneckerFactors}`` with ``A`` normalised by ``N`` (expand: ``N·S``)
         and ``G`` carrying ``R``; the product ``G ⊗ A`` is the canonical block.
     """
-    return KFACSteps().factors(
-        problem, fisher_type, kfac_approx, bias, mc_samples, seed, layers
-    )
+    return KFACSteps().factors(problem, flavour, layers, **fields)
 
 
 def _accumulate(sums: dict[str, Tensor], name: str, value: Tensor) -> None:
     sums[name] = value if name not in sums else sums[name] + value
-
-
-def _check_flavour(fisher_type, kfac_approx, bias, mc_samples) -> None:
-    if fisher_type not in FISHER_TYPES:
-        raise ValueError(f"unknown fisher_type {fisher_type!r}; use {FISHER_TYPES}")
-    if kfac_approx not in KFAC_APPROXES:
-        raise ValueError(f"unknown kfac_approx {kfac_approx!r}; use {KFAC_APPROXES}")
-    if bias not in BIAS_MODES:
-        raise ValueError(f"unknown bias mode {bias!r}; use {BIAS_MODES}")
-    if not (isinstance(mc_samples, int) and mc_samples >= 1):
-        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")

@@ -1,4 +1,4 @@
-"""Run the benchmark suite and report ratios (``kfac-oracle bench``).
+"""Run the benchmark suite and report ratios: ``python -m benchmarks.bench``.
 
 Runs ``pytest benchmarks/ --benchmark-json FILE`` in a subprocess, then writes to the
 output directory:
@@ -31,17 +31,7 @@ QUICK_ARGS = ["--kfac-bench-quick"]
 
 
 def _bench_dir(explicit: str | None) -> Path:
-    if explicit:
-        return Path(explicit)
-    for candidate in (
-        Path.cwd() / "benchmarks",
-        Path(__file__).parents[1] / "benchmarks",
-    ):
-        if (candidate / "conftest.py").is_file():
-            return candidate
-    raise FileNotFoundError(
-        "benchmarks/ not found; run from the repository root or pass --bench-dir"
-    )
+    return Path(explicit) if explicit else Path(__file__).resolve().parent
 
 
 def saved_runs(storage: Path) -> list[Path]:
@@ -404,9 +394,9 @@ def report(json_path: Path, out_dir: Path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line options of ``kfac-oracle bench``."""
+    """The command-line options of ``python -m benchmarks.bench``."""
     p = argparse.ArgumentParser(
-        prog="kfac-oracle bench",
+        prog="python -m benchmarks.bench",
         description="Run the KFAC benchmark suite and write a Markdown table and plot.",
     )
     p.add_argument("--out", default="bench-out", help="output directory")
@@ -450,11 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cmd, note = pytest_command(args, json_path)
         if note:
-            print(f"kfac-oracle bench: {note}")
-        print("kfac-oracle bench: " + " ".join(cmd), flush=True)
+            print(f"benchmarks.bench: {note}")
+        print("benchmarks.bench: " + " ".join(cmd), flush=True)
         status = subprocess.call(cmd)
         if not json_path.is_file():
-            print("kfac-oracle bench: no results written", file=sys.stderr)
+            print("benchmarks.bench: no results written", file=sys.stderr)
             return status or 1
     summary = report(json_path, out_dir)
     for g in summary["goals"]:
@@ -462,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  goal: {g['goal']}: {g['value']:.2f} ({g['target']}) "
             f"{'met' if g['ok'] else 'NOT met'}"
         )
-    print(f"kfac-oracle bench: wrote {out_dir / 'benchmarks.md'}")
+    print(f"benchmarks.bench: wrote {out_dir / 'benchmarks.md'}")
     return status
 
 

@@ -1,0 +1,276 @@
+"""Invariances any correct KFAC satisfies (docs/theory.md §6), on the candidate alone.
+
+Each compares the candidate with itself (or with the reference at new parameters) under
+a transformation of the problem (:mod:`kfac_oracle.checks.variants`), float64, relative
+Frobenius error 1e-10:
+
+- ``batch_split``: other unequal batch sizes → the same blocks;
+- ``shuffle``: permuted data points → the same blocks;
+- ``mean_vs_sum``: ``reduction="sum"`` → blocks scaled by ``1/R`` (mean cases);
+- ``current_parameters``: perturbed parameters → the reference at the new
+  parameters (catches stale caches);
+- ``flattened_output``: an MSE/BCE output ``(N, S, C)`` flattened → the same blocks;
+- ``bias_modes``: joint and separate bias agree on the diagonal sub-blocks (for
+  candidates offering both);
+- ``mc_reproducible``: the same seed twice → the same MC results; another seed →
+  different ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from kfac_oracle.catalogue import Case
+from kfac_oracle.checks.compare import EXACT_RTOL, masked_reference, rel_error
+from kfac_oracle.checks.context import CheckContext
+from kfac_oracle.checks.outcome import Outcome, verdict
+from kfac_oracle.checks.registry import Target, check, family
+from kfac_oracle.errors import Unsupported
+from kfac_oracle.flavours import FisherType, Flavour, deterministic_fisher_types
+from kfac_oracle.runner.validate import CandidateResult
+
+family(rank=4)
+
+DIAGNOSES = {
+    "split": "depends on how the data are batched: per-batch scaling or weighting "
+    "(docs/theory.md §7, pitfalls 1 and 6)",
+    "shuffle": "depends on how the data are batched: per-batch scaling or weighting "
+    "(docs/theory.md §7, pitfalls 1 and 6)",
+    "sum": "reduction scale R not applied consistently (docs/theory.md §7, pitfall 1)",
+    "flatten": "depends on the output's shape, not only on the loss",
+}
+
+
+def _applies(case: Case, variant: str) -> bool:
+    if variant == "sum":
+        return case.reduction == "mean"
+    if variant == "flatten":
+        return case.loss != "CrossEntropyLoss" and case.output_ndim > 2
+    return True
+
+
+def _variant_targets(
+    name: str, variant: str, what: str
+) -> Callable[[Case], Iterator[Target]]:
+    def targets(case: Case) -> Iterator[Target]:
+        if _applies(case, variant):
+            yield Target(name, params={"variant": variant, "what": what})
+
+    return targets
+
+
+def _unique_layers(
+    ctx: CheckContext,
+    base: CandidateResult,
+    flavour: Flavour,
+    variants: tuple[str, ...],
+) -> list[str]:
+    """Layers with a unique reference in every variant (no repeated eigenvalues)."""
+    layers = []
+    for layer in ctx.case.layers:
+        f = flavour.replace(bias=ctx.reference_bias(base.bias[layer]))
+        if not any(layer in ctx.ambiguous(f, v) for v in variants):
+            layers.append(layer)
+    return layers
+
+
+def _compare_with_itself(ctx: CheckContext, *, variant: str, what: str) -> Outcome:
+    """The candidate under ``variant`` equals itself (``sum``: scaled by ``1/R``)."""
+    ft, approx = ctx.first_supported(deterministic_fisher_types())
+    base = ctx.candidate(ctx.key(ft, approx))
+    other = ctx.candidate(ctx.key(ft, approx, variant=variant))
+    scale = 1.0 / ctx.problem().reduction_factor if variant == "sum" else 1.0
+    layers = _unique_layers(ctx, base, Flavour(ft, approx), ("base", variant))
+    if not layers:
+        raise Unsupported(
+            "EKFAC is not unique for any layer here (repeated eigenvalues)"
+        )
+    worst_layer, worst = None, -1.0
+    for layer in layers:
+        if base.blocks[layer].shape != other.blocks[layer].shape:
+            return Outcome(
+                "failed", None, EXACT_RTOL, f"{what}: layer {layer} changed shape"
+            )
+        err = rel_error(base.blocks[layer] * scale, other.blocks[layer])
+        if err > worst:
+            worst_layer, worst = layer, err
+    return verdict(
+        worst,
+        EXACT_RTOL,
+        f"{what}: worst layer {worst_layer}, relative error {worst:.3e}",
+    )
+
+
+def _diagnose_variant(
+    ctx: CheckContext, outcome: Outcome, *, variant: str, what: str
+) -> str | None:
+    return DIAGNOSES.get(variant)
+
+
+@check(
+    targets=_variant_targets("batch_split", "split", "re-split batches"),
+    diagnose=_diagnose_variant,
+)
+def batch_split(ctx: CheckContext, *, variant: str, what: str) -> Outcome:
+    """Re-splitting the data into other unequal batches leaves the blocks unchanged."""
+    return _compare_with_itself(ctx, variant=variant, what=what)
+
+
+@check(
+    targets=_variant_targets("shuffle", "shuffle", "shuffled data"),
+    diagnose=_diagnose_variant,
+)
+def shuffle(ctx: CheckContext, *, variant: str, what: str) -> Outcome:
+    """Permuting the data points (and re-splitting them) leaves the blocks unchanged."""
+    return _compare_with_itself(ctx, variant=variant, what=what)
+
+
+def current_parameters_targets(case: Case) -> Iterator[Target]:
+    """One target per case."""
+    yield Target("current_parameters")
+
+
+def _diagnose_stale(ctx: CheckContext, outcome: Outcome) -> str:
+    ft, approx = ctx.first_supported(deterministic_fisher_types())
+    moved = ctx.candidate(ctx.key(ft, approx, variant="perturbed"))
+    base = ctx.candidate(ctx.key(ft, approx))
+    flavour = Flavour(ft, approx, ctx.reference_bias(next(iter(moved.bias.values()))))
+    ref_new = ctx.reference(flavour, "perturbed")
+    ref_old = ctx.reference(flavour)
+    layers = ctx.case.layers
+    depends = any(not torch.allclose(ref_new[k], ref_old[k]) for k in layers)
+    same = all(torch.equal(moved.blocks[k], base.blocks[k]) for k in layers)
+    if depends and same:
+        return "stale parameters: results do not follow the current parameter values"
+    return "differs from the reference at the new parameters as at the old ones"
+
+
+@check(targets=current_parameters_targets, diagnose=_diagnose_stale)
+def current_parameters(ctx: CheckContext) -> Outcome:
+    """After the parameters move, the candidate equals the reference at the new values.
+
+    Catches results cached by model identity, shapes or names, or computed once.
+    """
+    ft, approx = ctx.first_supported(deterministic_fisher_types())
+    result = ctx.candidate(ctx.key(ft, approx, variant="perturbed"))
+    problem = ctx.problem("perturbed")
+    worst, worst_layer = -1.0, None
+    for layer in ctx.case.layers:
+        flavour = Flavour(ft, approx, ctx.reference_bias(result.bias[layer]))
+        if layer in ctx.ambiguous(flavour, "perturbed"):
+            continue
+        ref = ctx.reference(flavour, "perturbed")[layer]
+        ref = masked_reference(
+            ref, result.bias[layer], problem.model.get_submodule(layer)
+        )
+        if ref.shape != result.blocks[layer].shape:
+            continue
+        err = rel_error(result.blocks[layer], ref)
+        if err > worst:
+            worst, worst_layer = err, layer
+    if worst_layer is None:
+        raise Unsupported(
+            "no layer with a unique reference (EKFAC, repeated eigenvalues)"
+        )
+    return verdict(
+        worst,
+        EXACT_RTOL,
+        f"perturbed parameters: worst layer {worst_layer} vs reference at the new "
+        f"parameters, relative error {worst:.3e}",
+    )
+
+
+def bias_modes_targets(case: Case) -> Iterator[Target]:
+    """One target per case."""
+    yield Target("bias_modes")
+
+
+@check(targets=bias_modes_targets, needs={"bias": {"joint", "separate"}})
+def bias_modes(ctx: CheckContext) -> Outcome:
+    """Joint and separate bias give the same weight-weight and bias-bias blocks."""
+    ft, approx = ctx.first_supported(deterministic_fisher_types())
+    joint = ctx.candidate(ctx.key(ft, approx, bias="joint"))
+    sep = ctx.candidate(ctx.key(ft, approx, bias="separate"))
+    problem = ctx.problem()
+    worst = 0.0
+    for layer in ctx.case.layers:
+        module = problem.model.get_submodule(layer)
+        masked = masked_reference(joint.blocks[layer], sep.bias[layer], module)
+        worst = max(worst, rel_error(sep.blocks[layer], masked))
+    return verdict(
+        worst, EXACT_RTOL, f"joint vs separate bias: relative error {worst:.3e}"
+    )
+
+
+def mc_reproducible_targets(case: Case) -> Iterator[Target]:
+    """One target per case, with the case's approximation."""
+    approx = "reduce" if case.setting == "reduce" else "expand"
+    yield Target("mc_reproducible", fisher_type=str(FisherType.MC), kfac_approx=approx)
+
+
+def _diagnose_seed(ctx: CheckContext, outcome: Outcome, **_: object) -> str:
+    return (
+        "MC sampling does not follow the request's seed (docs/theory.md §7, pitfall 9)"
+    )
+
+
+MC_REPRODUCIBLE_SAMPLES = (
+    16  # discrete labels: with few samples two seeds may draw alike
+)
+
+
+@check(targets=mc_reproducible_targets, diagnose=_diagnose_seed)
+def mc_reproducible(
+    ctx: CheckContext, *, fisher_type: str, kfac_approx: str
+) -> Outcome:
+    """The same seed gives the same MC result; another seed a different one."""
+    M = MC_REPRODUCIBLE_SAMPLES
+    layers = ctx.case.layers
+    a = ctx.candidate(ctx.key(fisher_type, kfac_approx, M, 11))
+    b = ctx.candidate(ctx.key(fisher_type, kfac_approx, M, 11, repeat=1))
+    same = max(rel_error(a.blocks[k], b.blocks[k]) for k in layers)
+    differ = 0.0
+    for seed in (12, 13):
+        c = ctx.candidate(ctx.key(fisher_type, kfac_approx, M, seed))
+        differ = max(differ, *(rel_error(a.blocks[k], c.blocks[k]) for k in layers))
+    if same > 0:
+        return Outcome(
+            "failed",
+            same,
+            0.0,
+            f"same seed, different MC results (relative difference {same:.3e})",
+        )
+    if differ == 0:
+        return Outcome(
+            "failed",
+            differ,
+            0.0,
+            "another seed gave identical MC results: the seed is ignored or nothing "
+            "is sampled",
+        )
+    return Outcome(
+        "passed",
+        same,
+        0.0,
+        f"same seed identical; another seed differs by {differ:.3e}",
+    )
+
+
+@check(
+    targets=_variant_targets("mean_vs_sum", "sum", "sum reduction × R"),
+    diagnose=_diagnose_variant,
+)
+def mean_vs_sum(ctx: CheckContext, *, variant: str, what: str) -> Outcome:
+    """With ``reduction="sum"`` the blocks are the mean case's scaled by ``1/R``."""
+    return _compare_with_itself(ctx, variant=variant, what=what)
+
+
+@check(
+    targets=_variant_targets("flattened_output", "flatten", "flattened output"),
+    diagnose=_diagnose_variant,
+)
+def flattened_output(ctx: CheckContext, *, variant: str, what: str) -> Outcome:
+    """Flattening an MSE/BCE output ``(N, S, C)`` to ``(N, S·C)`` changes nothing."""
+    return _compare_with_itself(ctx, variant=variant, what=what)

@@ -1,0 +1,1 @@
+"""Running checks: calling a candidate safely, caching references, records."""

@@ -1,0 +1,93 @@
+"""The references a run compares with, computed once per run and cached.
+
+Exact blocks (GGN, empirical Fisher, ...) per case, layer and variant
+(:func:`kfac_oracle.reference.exact.curvature_block`), and the reference blocks of the
+candidate's approximation per flavour (:mod:`kfac_oracle.reference.approximations`),
+with the layers where that approximation has no unique answer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kfac_oracle.catalogue import Case
+from kfac_oracle.flavours import Flavour
+from kfac_oracle.problem import Problem
+from kfac_oracle.reference.approximations import Approximation
+from kfac_oracle.reference.exact import curvature_block
+from kfac_oracle.runner.caller import build_problem
+
+
+class ReferenceCache:
+    """Exact and reference blocks of one run, computed on first use.
+
+    Args:
+        approximation: The approximation the candidate computes.
+        dtype: The problems' dtype.
+    """
+
+    def __init__(
+        self, approximation: Approximation, dtype: torch.dtype = torch.float64
+    ):
+        self.approximation = approximation
+        self.dtype = dtype
+        self._problems: dict[tuple[str, str], Problem] = {}
+        self._exact: dict[tuple[str, str, str, str], Tensor] = {}
+        self._blocks: dict[tuple[str, Flavour, str], dict[str, Tensor]] = {}
+        self._ambiguous: dict[tuple[str, Flavour, str], set[str]] = {}
+
+    def problem(self, case: Case, variant: str = "base") -> Problem:
+        """The case's problem under ``variant`` (shared: do not modify it)."""
+        key = (case.id, variant)
+        if key not in self._problems:
+            self._problems[key] = build_problem(case, variant, self.dtype)
+        return self._problems[key]
+
+    def exact_block(
+        self, case: Case, layer: str, kind: str, variant: str = "base"
+    ) -> Tensor:
+        """The exact block ``kind`` (``"ggn"``, ``"empirical"``, ...) of ``layer``."""
+        key = (case.id, layer, kind, variant)
+        if key not in self._exact:
+            self._exact[key] = curvature_block(self.problem(case, variant), layer, kind)
+        return self._exact[key]
+
+    def blocks(
+        self, case: Case, flavour: Flavour, variant: str = "base"
+    ) -> dict[str, Tensor]:
+        """The approximation's reference blocks of every layer of the case."""
+        key = (case.id, flavour, variant)
+        if key not in self._blocks:
+            problem = self.problem(case, variant)
+            self._blocks[key] = self.approximation.blocks(problem, flavour, case.layers)
+        return self._blocks[key]
+
+    def kfac_blocks(
+        self, case: Case, flavour: Flavour, variant: str = "base"
+    ) -> dict[str, Tensor]:
+        """Reference KFAC blocks, whatever the candidate's approximation."""
+        from kfac_oracle.reference.approximations import approximation
+
+        kfac = approximation("kfac")
+        key = (case.id, flavour, f"kfac:{variant}")
+        if key not in self._blocks:
+            self._blocks[key] = kfac.blocks(
+                self.problem(case, variant), flavour, case.layers
+            )
+        return self._blocks[key]
+
+    def ambiguous(
+        self, case: Case, flavour: Flavour, variant: str = "base"
+    ) -> set[str]:
+        """Layers where the approximation is not unique (nothing to compare with)."""
+        key = (case.id, flavour, variant)
+        if key not in self._ambiguous:
+            problem = self.problem(case, variant)
+            self._ambiguous[key] = self.approximation.ambiguous(
+                problem, flavour, case.layers
+            )
+        return self._ambiguous[key]
+
+
+__all__ = ["ReferenceCache"]

@@ -1,0 +1,344 @@
+"""Reading a candidate's result: a plain copy first, then validation and canonical form.
+
+Two steps, so that everything the candidate controls runs inside its time limit (and,
+with process isolation, inside its process):
+
+1. :func:`materialize` reads the candidate's result into plain tensors: every requested
+   layer is looked up (lazy mappings evaluated), factors and dense blocks are copied
+   (contiguous, detached: a candidate that reuses its output buffers cannot change a
+   result the harness already holds), ``MatVecBlock`` s are densified after their
+   claimed size has been checked against the layer's, numpy arrays become tensors.
+2. :func:`validate` checks the copies against the contract (shapes, dtype, device,
+   finite, symmetric, positive semi-definite) and turns them into canonical blocks
+   ``[rvec(W), b]`` (docs/theory.md §3).
+
+Both raise :class:`~kfac_oracle.errors.CandidateError` with a message naming the layer
+and what is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kfac_oracle.contract import DenseBlock, KroneckerFactors, MatVecBlock
+from kfac_oracle.conventions import canonical_block, weight_shape_2d
+from kfac_oracle.errors import CandidateError
+from kfac_oracle.flavours import BiasMode
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the harness expects of one layer's result.
+
+    Attributes:
+        d_out: Rows of the weight's 2-D view.
+        d_in: Columns of the weight's 2-D view (Conv2d: ``C_in·kh·kw``).
+        has_bias: Whether the module has a bias.
+    """
+
+    d_out: int
+    d_in: int
+    has_bias: bool
+
+    @property
+    def size(self) -> int:
+        """``P``: entries of ``[weight, bias]``."""
+        return self.d_out * self.d_in + (self.d_out if self.has_bias else 0)
+
+    def describe_size(self) -> str:
+        """``"weight 20 + bias 4"``."""
+        weight = f"weight {self.d_out * self.d_in}"
+        return f"{weight} + bias {self.d_out}" if self.has_bias else weight
+
+
+def layer_shapes(
+    model: nn.Module, layers: list[str] | tuple[str, ...]
+) -> dict[str, LayerShape]:
+    """The expected shape of every requested layer's result."""
+    out = {}
+    for name in layers:
+        module = model.get_submodule(name)
+        d_out, d_in = weight_shape_2d(module)
+        out[name] = LayerShape(d_out, d_in, getattr(module, "bias", None) is not None)
+    return out
+
+
+@dataclass
+class PlainResult:
+    """A candidate's result for one layer, copied into plain tensors.
+
+    Attributes:
+        kind: ``"factors"`` or ``"dense"`` (a densified ``MatVecBlock`` too).
+        tensors: ``{"A", "G", "bias_covariance"}`` or ``{"matrix"}``.
+        bias: The declared bias mode (factors) or ``"joint"``/``"none"`` (blocks).
+        layout: ``"rvec"`` or ``"cvec"`` (blocks).
+    """
+
+    kind: str
+    tensors: dict[str, Tensor | None]
+    bias: str = "joint"
+    layout: str = "rvec"
+
+
+@dataclass
+class CandidateResult:
+    """Validated canonical blocks and the bias mode per layer."""
+
+    blocks: dict[str, Tensor]
+    bias: dict[str, str]
+
+
+def _copy(what: str, value: Any) -> Tensor:
+    """A detached, contiguous copy of a tensor (numpy arrays accepted)."""
+    if isinstance(value, np.ndarray):
+        if not np.issubdtype(value.dtype, np.number):
+            raise CandidateError(f"{what} is a numpy array of dtype {value.dtype}")
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, Tensor):
+        raise CandidateError(
+            f"{what} is a {type(value).__name__}; the contract expects a torch tensor"
+        )
+    if value.layout != torch.strided:
+        raise CandidateError(
+            f"{what} is a {value.layout} tensor; the contract expects dense (strided) "
+            "tensors"
+        )
+    return value.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _densify(
+    what: str, block: MatVecBlock, shape: LayerShape, dtype: torch.dtype, device: Any
+) -> Tensor:  # noqa: C901 - one message per way an operator can be wrong
+    """Apply a ``MatVecBlock`` to the identity's columns, after checking its size."""
+    size = block.size
+    if isinstance(size, bool) or not isinstance(size, int | np.integer):
+        raise CandidateError(f"{what}: MatVecBlock.size must be an int, got {size!r}")
+    if int(size) != shape.size:
+        raise CandidateError(
+            f"{what}: MatVecBlock.size {size}, expected {shape.size} "
+            f"({shape.describe_size()})"
+        )
+    mv: Any = block.matvec
+    is_scipy = hasattr(mv, "matvec") and hasattr(mv, "shape")
+    if not is_scipy and not callable(mv):
+        raise CandidateError(
+            f"{what}: MatVecBlock.matvec is a {type(mv).__name__}, neither callable "
+            "nor "
+            "a scipy LinearOperator"
+        )
+    columns = []
+    for e in torch.eye(shape.size, dtype=dtype, device=device):
+        out = mv.matvec(e.cpu().numpy()) if is_scipy else mv(e)
+        out = _copy(f"{what}: MatVecBlock.matvec output", out).to(device)
+        if out.dtype != dtype and not (is_scipy and out.dtype.is_floating_point):
+            raise CandidateError(
+                f"{what}: MatVecBlock.matvec returned {out.dtype} vectors, expected "
+                f"{dtype}"
+            )
+        if out.numel() != shape.size:
+            raise CandidateError(
+                f"{what}: MatVecBlock.matvec returned {out.numel()} entries, expected "
+                f"{shape.size}"
+            )
+        columns.append(out.reshape(-1).to(dtype))
+    return torch.stack(columns, dim=1)
+
+
+def materialize(
+    result: object,
+    shapes: Mapping[str, LayerShape],
+    dtype: torch.dtype,
+    device: Any,
+) -> dict[str, PlainResult]:
+    """Copy a candidate's result into :class:`PlainResult` s (step 1 of 2).
+
+    Raises:
+        CandidateError: If the result is not a mapping holding every requested layer
+            in a form of the contract, or a lazy part of it fails.
+    """
+    if not isinstance(result, Mapping):
+        raise CandidateError(
+            f"compute() returned {type(result).__name__}, expected a dict "
+            "{module name: result}"
+        )
+    out = {}
+    for layer, shape in shapes.items():
+        if layer not in result:
+            keys = sorted(map(repr, result))
+            hint = ""
+            if any(not isinstance(k, str) for k in result):
+                hint = " (keys must be module names, as str)"
+            raise CandidateError(f"result misses layer {layer!r}{hint} (got {keys})")
+        value = result[layer]
+        where = f"layer {layer!r}"
+        if isinstance(value, KroneckerFactors):
+            bias = value.bias
+            if bias not in BiasMode.values():
+                raise CandidateError(f"{where}: unknown bias mode {bias!r}")
+            tensors = {
+                "A": _copy(f"{where} input_covariance", value.input_covariance),
+                "G": _copy(f"{where} gradient_covariance", value.gradient_covariance),
+                "bias_covariance": None,
+            }
+            if bias == BiasMode.SEPARATE and value.bias_covariance is not None:
+                tensors["bias_covariance"] = _copy(
+                    f"{where} bias_covariance", value.bias_covariance
+                )
+            out[layer] = PlainResult("factors", tensors, bias=str(bias))
+        elif isinstance(value, DenseBlock | MatVecBlock):
+            if value.layout not in ("rvec", "cvec"):
+                raise CandidateError(
+                    f"{where}: unknown layout {value.layout!r}; expected 'rvec' or "
+                    "'cvec'"
+                )
+            if isinstance(value, DenseBlock):
+                matrix = _copy(f"{where} block", value.matrix)
+            else:
+                matrix = _densify(where, value, shape, dtype, device)
+            bias = BiasMode.JOINT if shape.has_bias else BiasMode.NONE
+            out[layer] = PlainResult(
+                "dense", {"matrix": matrix}, bias=str(bias), layout=value.layout
+            )
+        else:
+            raise CandidateError(
+                f"{where}: result of type {type(value).__name__}; expected "
+                "KroneckerFactors, DenseBlock or MatVecBlock"
+            )
+    return out
+
+
+def validate(
+    plain: Mapping[str, PlainResult],
+    shapes: Mapping[str, LayerShape],
+    dtype: torch.dtype,
+    device: Any,
+) -> CandidateResult:
+    """Check materialized results and convert them to canonical blocks (step 2 of 2).
+
+    Raises:
+        CandidateError: Naming the layer and what is wrong: shapes, dtype, device,
+            NaN or inf, a non-symmetric or indefinite factor or block.
+    """
+    blocks, modes = {}, {}
+    for layer, shape in shapes.items():
+        value = plain[layer]
+        where = f"layer {layer!r}"
+        if value.kind == "factors":
+            factors = _validate_factors(where, value, shape, dtype, device)
+            block = canonical_block(factors, _ShapeModule(shape))
+            mode = value.bias
+        else:
+            matrix = value.tensors["matrix"]
+            assert matrix is not None
+            _validate_square(f"{where} block", matrix, shape.size)
+            block = canonical_block(
+                DenseBlock(matrix, value.layout), _ShapeModule(shape)
+            )
+            mode = value.bias
+        size = shape.d_out * shape.d_in
+        if shape.has_bias and mode != BiasMode.NONE:
+            size += shape.d_out
+        if block.shape != (size, size):
+            raise CandidateError(
+                f"{where}: block of shape {tuple(block.shape)}, expected ({size}, "
+                f"{size}) for bias={mode!r}"
+            )
+        validate_matrix(f"{where} block", block, dtype, device)
+        blocks[layer], modes[layer] = block, mode
+    return CandidateResult(blocks, modes)
+
+
+class _ShapeModule:
+    """Stands in for a module where only the weight's shape and the bias matter."""
+
+    def __init__(self, shape: LayerShape):
+        self.weight = torch.empty(shape.d_out, shape.d_in, device="meta")
+        self.bias = torch.empty(shape.d_out, device="meta") if shape.has_bias else None
+
+
+def _validate_square(what: str, M: Tensor, size: int | None = None) -> None:
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        raise CandidateError(f"{what} of shape {tuple(M.shape)} is not a square matrix")
+    if size is not None and M.shape[0] != size:
+        raise CandidateError(
+            f"{what} of shape {tuple(M.shape)}, expected ({size}, {size})"
+        )
+
+
+def _validate_factors(
+    where: str, value: PlainResult, shape: LayerShape, dtype: torch.dtype, device: Any
+) -> KroneckerFactors:
+    A, G = value.tensors["A"], value.tensors["G"]
+    assert A is not None and G is not None
+    d_out, d_in = shape.d_out, shape.d_in
+    d_a = d_in + 1 if value.bias == BiasMode.JOINT else d_in
+    if A.shape == (d_out, d_out) and G.shape == (d_a, d_a) and d_a != d_out:
+        raise CandidateError(
+            f"{where}: factors swapped: input_covariance has the output dimension "
+            f"{d_out} and gradient_covariance the input dimension {d_a}"
+        )
+    if A.shape != (d_a, d_a):
+        raise CandidateError(
+            f"{where}: input_covariance of shape {tuple(A.shape)}, expected "
+            f"({d_a}, {d_a}) for bias={value.bias!r}"
+        )
+    if G.shape != (d_out, d_out):
+        raise CandidateError(
+            f"{where}: gradient_covariance of shape {tuple(G.shape)}, expected "
+            f"({d_out}, {d_out})"
+        )
+    validate_matrix(f"{where} input_covariance", A, dtype, device)
+    validate_matrix(f"{where} gradient_covariance", G, dtype, device)
+    Gb = value.tensors.get("bias_covariance")
+    if Gb is not None:
+        if Gb.shape != (d_out, d_out):
+            raise CandidateError(
+                f"{where}: bias_covariance of shape {tuple(Gb.shape)}, expected "
+                f"({d_out}, {d_out})"
+            )
+        validate_matrix(f"{where} bias_covariance", Gb, dtype, device)
+    return KroneckerFactors(A, G, value.bias, Gb)
+
+
+def validate_matrix(what: str, M: Tensor, dtype: torch.dtype, device: Any) -> None:
+    """Dtype, device, finite, symmetric and positive semi-definite (to rounding).
+
+    Raises:
+        CandidateError: Naming ``what`` and the first property that fails.
+    """
+    if M.dtype != dtype:
+        raise CandidateError(f"{what} has dtype {M.dtype}, expected {dtype}")
+    if M.device != torch.device(device):
+        raise CandidateError(f"{what} is on {M.device}, expected {device}")
+    if not torch.isfinite(M).all():
+        raise CandidateError(f"{what} contains NaN or inf")
+    scale = M.abs().max().item()
+    if scale == 0:
+        return
+    eps = torch.finfo(M.dtype).eps
+    tol = 1e3 * eps * M.shape[0] * scale
+    asym = (M - M.T).abs().max().item()
+    if asym > tol:
+        raise CandidateError(f"{what} is not symmetric (max |M − Mᵀ| = {asym:.3e})")
+    lowest = torch.linalg.eigvalsh((M + M.T) / 2)[0].item()
+    if lowest < -tol:
+        raise CandidateError(
+            f"{what} is not positive semi-definite (smallest eigenvalue {lowest:.3e})"
+        )
+
+
+__all__ = [
+    "CandidateResult",
+    "LayerShape",
+    "PlainResult",
+    "layer_shapes",
+    "materialize",
+    "validate",
+    "validate_matrix",
+]
