@@ -1,12 +1,17 @@
 """Conv2d cases (E5): per-pixel outputs (expand) and conv-pool-affine (reduce).
 
 Inputs are ``(N, 2, 5, 5)``. Per-pixel predictions are made channels-last with a
-``Permute`` so that MSE has a loss term per pixel and channel.
+``Permute`` so that MSE has a loss term per pixel and channel. Global average pooling
+uses ``AdaptiveAvgPool2d(1)`` and ``Flatten``. Rectangular kernels with unequal
+stride, padding and dilation per direction, and ``padding="same"`` (asymmetric for an
+even kernel), catch code that reads one direction's setting for both.
 """
 
 from kfac_oracle.catalogue import Case, exact, inexact, mc_converges
 
 IN = (2, 5, 5)
+# Global average pool with standard modules, at one index: (N, C, H, W) -> (N, C).
+GAP = ("Sequential", [("AdaptiveAvgPool2d", 1), ("Flatten",)])
 CASES = []
 
 PIXEL = {
@@ -119,7 +124,7 @@ for name, kw in POOLED.items():
             Case(
                 id=f"conv_pool_{name}_mse_{reduction}",
                 family="conv_reduce",
-                model=[("Conv2d", 2, 3, 3, kw), ("MeanPool", 2, 3), ("Linear", 3, 2)],
+                model=[("Conv2d", 2, 3, 3, kw), GAP, ("Linear", 3, 2)],
                 input_shape=IN,
                 loss="MSELoss",
                 reduction=reduction,
@@ -146,7 +151,7 @@ CASES.append(
         model=[
             ("Conv2d", 2, 3, 3, {"padding": 1}),
             ("Conv2d", 3, 3, 3, {"padding": 1}),
-            ("MeanPool", 2, 3),
+            GAP,
             ("Linear", 3, 2),
         ],
         input_shape=IN,
@@ -171,7 +176,7 @@ CASES.append(
         model=[
             ("Conv2d", 2, 3, 3, {"padding": 1}),
             ("Tanh",),
-            ("MeanPool", 2, 3),
+            GAP,
             ("Linear", 3, 4),
         ],
         input_shape=IN,
@@ -186,3 +191,70 @@ CASES.append(
         description="conv, tanh, pool, linear, CE",
     )
 )
+
+# Rectangular kernel, unequal stride, padding and dilation per direction.
+RECT = {"kernel_size": (3, 2), "stride": (2, 1), "padding": (1, 0), "dilation": (1, 2)}
+CASES.append(
+    Case(
+        id="conv_pixel_rect_mse_mean",
+        family="conv_expand",
+        model=[("Conv2d", 2, 3, RECT), ("Permute", 0, 2, 3, 1)],
+        input_shape=(2, 6, 7),
+        loss="MSELoss",
+        batch_sizes=(2, 1),
+        setting="expand",
+        claims={
+            "0": [
+                exact("E5", kfac_approx="expand"),
+                inexact("E5", "type-2", "reduce"),
+            ]
+        },
+        seed=67,
+        description="rectangular kernel, stride/padding/dilation differ per direction",
+    )
+)
+CASES.append(
+    Case(
+        id="conv_pool_rect_mse_sum",
+        family="conv_reduce",
+        model=[("Conv2d", 2, 3, RECT), GAP, ("Linear", 3, 2)],
+        input_shape=(2, 6, 7),
+        loss="MSELoss",
+        reduction="sum",
+        batch_sizes=(3, 1),
+        setting="reduce",
+        claims={
+            "0": [
+                exact("E5", kfac_approx="reduce"),
+                inexact("E5", "type-2", "expand"),
+            ],
+            "2": [exact("E2", kfac_approx="reduce")],
+        },
+        seed=68,
+        description="rectangular conv, global average pool, linear",
+    )
+)
+# padding="same": symmetric for an odd kernel, asymmetric for an even one.
+for name, kernel in (("k3", 3), ("k2x4", (2, 4))):
+    CASES.append(
+        Case(
+            id=f"conv_pixel_same_{name}_mse_mean",
+            family="conv_expand",
+            model=[
+                ("Conv2d", 2, 3, kernel, {"padding": "same"}),
+                ("Permute", 0, 2, 3, 1),
+            ],
+            input_shape=IN,
+            loss="MSELoss",
+            batch_sizes=(2, 1),
+            setting="expand",
+            claims={
+                "0": [
+                    exact("E5", kfac_approx="expand"),
+                    inexact("E5", "type-2", "reduce"),
+                ]
+            },
+            seed=69,
+            description='Conv2d with padding="same", per-pixel MSE',
+        )
+    )

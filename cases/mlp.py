@@ -6,6 +6,7 @@ from kfac_oracle.catalogue import (
     hessian_equals_ggn,
     inexact,
     mc_converges,
+    mc_exact,
     one_datum_claims,
 )
 
@@ -106,11 +107,7 @@ for loss in ("CrossEntropyLoss", "BCEWithLogitsLoss"):
                 reduction=reduction,
                 batch_sizes=(5, 3),
                 targets="binary",
-                claims={
-                    "0": [inexact()],
-                    "2": [inexact()]
-                    + ([mc_converges()] if reduction == "mean" else []),
-                },
+                claims={"0": [inexact()], "2": [inexact(), mc_converges()]},
                 seed=31,
                 description="nonlinear MLP, N > 1: KFAC inexact everywhere",
             )
@@ -159,5 +156,71 @@ CASES.append(
         claims={"0": one_datum_claims(), "2": one_datum_claims()},
         seed=42,
         description="N identical data in unequal batches: every flavour exact",
+    )
+)
+
+# Two layers of the same shape (and repr): per-layer state keyed by shape, repr or
+# position in a list of shapes returns one layer's factors for the other.
+CASES.append(
+    Case(
+        id="mlp_twin_layers_mse_mean",
+        family="mlp",
+        model=[("Linear", 4, 4), ("Tanh",), ("Linear", 4, 4), ("Tanh",), ("Linear", 4, 3)],
+        input_shape=(4,),
+        loss="MSELoss",
+        batch_sizes=(3, 2, 2),
+        claims={"0": [inexact()], "2": [inexact()], "4": [exact("E2")]},
+        seed=23,
+        description="two hidden layers of the same shape, MSE: last layer exact",
+    )
+)
+CASES.append(
+    Case(
+        id="deep_linear_twin_mse_sum",
+        family="deep_linear",
+        model=[("Linear", 4, 4), ("Linear", 4, 4), ("Linear", 4, 4, {"bias": False})],
+        input_shape=(4,),
+        loss="MSELoss",
+        reduction="sum",
+        batch_sizes=(2, 3),
+        claims={
+            name: [exact("E2"), hessian_equals_ggn()] for name in ("0", "1", "2")
+        },
+        seed=24,
+        description="deep linear net of equal widths, MSE: every layer exact",
+    )
+)
+
+# Zero-variance Monte-Carlo: the last layer's weights and bias are zero, so its
+# logits are equal (two-class CE: p = (1/2, 1/2)) or zero (BCE with one output:
+# sigma = 1/2). Every sampled gradient outer product then equals the type-2 one, and
+# MC-KFAC equals type-2 KFAC for every M and seed: each MC scale error shows exactly.
+ZERO = {"init": "zeros"}
+CASES.append(
+    Case(
+        id="mc_zero_variance_ce2_mean",
+        family="mc_exact",
+        model=[("Linear", 4, 5), ("Tanh",), ("Linear", 5, 2, ZERO)],
+        input_shape=(4,),
+        loss="CrossEntropyLoss",
+        batch_sizes=(3, 2),
+        claims={"2": [mc_exact()]},
+        seed=25,
+        description="two-class CE at equal logits: MC-KFAC equals type-2 exactly",
+    )
+)
+CASES.append(
+    Case(
+        id="mc_zero_variance_bce_sum",
+        family="mc_exact",
+        model=[("Linear", 4, 5), ("Tanh",), ("Linear", 5, 1, ZERO)],
+        input_shape=(4,),
+        loss="BCEWithLogitsLoss",
+        reduction="sum",
+        batch_sizes=(2, 2, 1),
+        targets="binary",
+        claims={"2": [mc_exact()]},
+        seed=26,
+        description="BCE at logit 0: MC-KFAC equals type-2 exactly",
     )
 )

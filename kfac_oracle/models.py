@@ -3,8 +3,11 @@
 A layer spec is a tuple ``(kind, *args)`` with an optional trailing ``dict`` of keyword
 arguments, e.g. ``("Linear", 5, 4)``, ``("Linear", 5, 4, {"bias": False})``,
 ``("Conv2d", 2, 3, 3, {"padding": 1})``, ``("ReLU", {"inplace": True})``,
-``("MeanPool", 1)``, ``("Permute", 0, 2, 1)``. Module names are the Sequential's
-indices ``"0"``, ``"1"``, ...
+``("Sequential", [("AdaptiveAvgPool2d", 1), ("Flatten",)])``,
+``("Permute", 0, 2, 1)``. Module names are the Sequential's indices ``"0"``, ``"1"``,
+...; standard ``torch.nn`` modules are used wherever one does the job (``MeanPool`` and
+``SumPool`` average or sum over the positions of ``(N, S, D)`` sequences, for which
+``torch.nn`` has no module).
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ LAYERS = {
     "ReLU": nn.ReLU,
     "Sigmoid": nn.Sigmoid,
     "Flatten": nn.Flatten,
+    "AdaptiveAvgPool2d": nn.AdaptiveAvgPool2d,
+    "AvgPool2d": nn.AvgPool2d,
     "Permute": Permute,
     "MeanPool": MeanPool,
     "SumPool": SumPool,
@@ -71,12 +76,28 @@ LAYERS = {
 
 
 def build_layer(spec: Sequence) -> nn.Module:
-    """Build one module from a layer spec ``(kind, *args[, kwargs])``."""
+    """Build one module from a layer spec ``(kind, *args[, kwargs])``.
+
+    ``("Sequential", [spec, ...])`` nests specs in one module (e.g. a global average
+    pool as ``AdaptiveAvgPool2d(1)`` then ``Flatten``, at one index). The keyword
+    ``init="zeros"`` sets a layer's parameters to zero after construction.
+    """
     kind, *args = spec
-    kwargs = args.pop() if args and isinstance(args[-1], dict) else {}
+    kwargs = dict(args.pop()) if args and isinstance(args[-1], dict) else {}
+    if kind == "Sequential":
+        (inner,) = args
+        return nn.Sequential(*(build_layer(s) for s in inner))
     if kind not in LAYERS:
         raise ValueError(f"unknown layer kind {kind!r}; known: {sorted(LAYERS)}")
-    return LAYERS[kind](*args, **kwargs)
+    init = kwargs.pop("init", None)
+    module = LAYERS[kind](*args, **kwargs)
+    if init == "zeros":
+        with torch.no_grad():
+            for p in module.parameters():
+                p.zero_()
+    elif init is not None:
+        raise ValueError(f"unknown init {init!r}; use 'zeros'")
+    return module
 
 
 def build_model(
@@ -98,6 +119,9 @@ def describe(spec: Sequence[Sequence]) -> str:
     parts = []
     for s in spec:
         kind, *args = s
+        if kind == "Sequential":
+            parts.append(f"[{describe(args[0])}]")
+            continue
         kwargs = args.pop() if args and isinstance(args[-1], dict) else {}
         inner = [str(a) for a in args] + [f"{k}={v}" for k, v in kwargs.items()]
         parts.append(f"{kind}({','.join(inner)})" if inner else kind)

@@ -194,7 +194,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     if exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    config.stash[_NOTHING] = len(items)
+        config.stash[_NOTHING] = len(items)
 
 
 _NOTHING = pytest.StashKey[int]()

@@ -87,6 +87,17 @@ PARAMS = [
 ]
 
 
+def _unequal_padding(model: torch.nn.Module) -> bool:
+    def asymmetric(p):
+        return p[0] != p[1] or p[2] != p[3]
+
+    return any(
+        isinstance(m, torch.nn.Conv2d)
+        and asymmetric(m._reversed_padding_repeated_twice)
+        for m in model.modules()
+    )
+
+
 @pytest.mark.parametrize(
     "case, fisher_type, approx, separate",
     PARAMS,
@@ -95,6 +106,15 @@ PARAMS = [
 def test_kfac_agrees_with_curvlinops(case, fisher_type, approx, separate):
     problem = case.build()
     soft_bce = case.loss == "BCEWithLogitsLoss" and case.targets == "soft"
+    if _unequal_padding(problem.model) and approx == "expand":
+        # A limitation curvlinops states in its error: no asymmetric ("same" with an
+        # even kernel) padding in unfold (KFAC-expand; reduce does not unfold).
+        with pytest.raises(NotImplementedError, match="Unequal padding"):
+            _, op = curvlinops_operator(
+                problem, KFACLinearOperator, fisher_type, approx, separate
+            )
+            op @ torch.eye(op.shape[0], dtype=torch.float64)
+        return
     if soft_bce and fisher_type == "type-2":
         with pytest.raises(NotImplementedError, match="binary"):
             _, op = curvlinops_operator(

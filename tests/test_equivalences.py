@@ -80,6 +80,23 @@ def test_claim(case, layer, claim):
         err, bound = mc_convergence(problem, layer, claim.kfac_approx)
         assert err <= bound, f"MC mean off by {err:.3e} > bound {bound:.3e}"
         return
+    elif claim.statement == "mc_exact":
+        exact = kronecker_block(
+            kfac(problem, "type-2", layers=[layer], kfac_approx=claim.kfac_approx)[
+                layer
+            ]
+        )
+        for M, seed in ((1, 0), (3, 5)):
+            mc = kfac(
+                problem,
+                "mc",
+                [layer],
+                kfac_approx=claim.kfac_approx,
+                mc_samples=M,
+                seed=seed,
+            )
+            assert_close(kronecker_block(mc[layer]), exact, what=f"M={M}")
+        return
     else:
         raise AssertionError(f"unknown statement {claim.statement}")
     err = rel_error(ours, exact)

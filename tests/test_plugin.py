@@ -15,7 +15,7 @@ CASE = "mlp_tanh_cro_mean"
 
 def run(pytester, *args):
     pytester.makepyfile(my_kfac=MY_KFAC)
-    return pytester.runpytest_subprocess(*args)
+    return pytester.runpytest_inprocess(*args)
 
 
 def test_plugin_in_an_empty_directory(pytester):
@@ -77,7 +77,7 @@ def test_single_check_by_id(pytester):
         "--kfac-checks",
         f"agree_type-2_expand[{CASE}-0]",
     )
-    assert result.parseoutcomes() == {"failed": 1}
+    result.assert_outcomes(failed=1)
 
 
 @pytest.mark.parametrize(
@@ -126,7 +126,7 @@ def test_ini_options(pytester):
 
 def test_plugin_without_option_collects_nothing_extra(pytester):
     pytester.makepyfile(test_a="def test_a():\n    pass\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
 
 

@@ -38,7 +38,7 @@ def test_parametrize_with_checks(pytester):
             """
         )
     )
-    result = pytester.runpytest_subprocess(
+    result = pytester.runpytest_inprocess(
         "-p", "no:cacheprovider", "-W", "default", "-rx"
     )
     outcomes = result.parseoutcomes()
@@ -64,7 +64,7 @@ def test_reproduce_line_names_module_and_class(pytester):
             """
         )
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.stdout.fnmatch_lines(["*reproduce: kfac-oracle check my_kfac:BrokenKFAC *"])
 
 
@@ -83,7 +83,7 @@ def test_selection_matching_nothing_is_a_collection_error(pytester):
             """
         )
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     assert result.ret == 2
     result.stdout.fnmatch_lines(["*matches no check*"])
 
@@ -103,6 +103,6 @@ def test_nothing_passed_fails_the_session(pytester):
             """
         )
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     assert result.ret == 1
     result.stdout.fnmatch_lines(["*kfac-oracle: nothing passed*"])

@@ -3,17 +3,20 @@
 import torch
 
 from kfac_oracle.catalogue import load_cases
+from kfac_oracle.checks.compare import EXACT_RTOL, rel_error
 
-EXACT_RTOL = 1e-10
 NEGATIVE_GAP = 1e-3
 
 CASES = load_cases()
 CASE_IDS = [c.id for c in CASES]
-
-
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative Frobenius error ‖a − b‖ / ‖b‖."""
-    return ((a - b).norm() / b.norm()).item()
+__all__ = [
+    "CASES",
+    "CASE_IDS",
+    "EXACT_RTOL",
+    "NEGATIVE_GAP",
+    "assert_close",
+    "rel_error",
+]
 
 
 def assert_close(a, b, rtol=EXACT_RTOL, what=""):

@@ -19,10 +19,15 @@ def diagnose_layer(
     seed: int = 0,
     **_: Any,
 ) -> str | None:
-    """Name the pitfall behind a failed comparison of the check's layer."""
+    """Name the pitfall behind a failed comparison of the check's layer.
+
+    The hypotheses are fitted at the failed check's tolerance, around the block the
+    check compared with (``outcome.blocks``).
+    """
     assert ctx.layer is not None
     key = ctx.key(fisher_type, kfac_approx, mc_samples, seed)
     result = ctx.candidate(key)
+    reference = outcome.blocks[1] if outcome.blocks is not None else None
     return diagnose(
         result.blocks[ctx.layer],
         ctx.problem(key.variant),
@@ -32,4 +37,7 @@ def diagnose_layer(
         result.bias[ctx.layer],
         mc_samples,
         seed,
+        tolerance=outcome.tolerance or 1e-10,
+        reference=reference,
+        approximation=ctx.approximation.name,
     )

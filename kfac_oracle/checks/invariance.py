@@ -18,6 +18,7 @@ Frobenius error 1e-10:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 
 import torch
@@ -27,6 +28,7 @@ from kfac_oracle.checks.compare import EXACT_RTOL, masked_reference, rel_error
 from kfac_oracle.checks.context import CheckContext
 from kfac_oracle.checks.outcome import Outcome, verdict
 from kfac_oracle.checks.registry import Target, check, family
+from kfac_oracle.diagnosis import fit_scalar, precision_diagnosis
 from kfac_oracle.errors import Unsupported
 from kfac_oracle.flavours import FisherType, Flavour, deterministic_fisher_types
 from kfac_oracle.runner.validate import CandidateResult
@@ -106,6 +108,10 @@ def _compare_with_itself(ctx: CheckContext, *, variant: str, what: str) -> Outco
 def _diagnose_variant(
     ctx: CheckContext, outcome: Outcome, *, variant: str, what: str
 ) -> str | None:
+    if outcome.error is not None:
+        precision = precision_diagnosis(outcome.error, outcome.tolerance or EXACT_RTOL)
+        if precision:
+            return precision.replace("with the reference", "with itself")
     return DIAGNOSES.get(variant)
 
 
@@ -133,6 +139,10 @@ def current_parameters_targets(case: Case) -> Iterator[Target]:
 
 
 def _diagnose_stale(ctx: CheckContext, outcome: Outcome) -> str:
+    if outcome.error is not None:
+        precision = precision_diagnosis(outcome.error, outcome.tolerance or EXACT_RTOL)
+        if precision:
+            return precision
     ft, approx = ctx.first_supported(deterministic_fisher_types())
     moved = ctx.candidate(ctx.key(ft, approx, variant="perturbed"))
     base = ctx.candidate(ctx.key(ft, approx))
@@ -144,7 +154,50 @@ def _diagnose_stale(ctx: CheckContext, outcome: Outcome) -> str:
     same = all(torch.equal(moved.blocks[k], base.blocks[k]) for k in layers)
     if depends and same:
         return "stale parameters: results do not follow the current parameter values"
+    if ctx.approximation.name == "kfac":
+        stale = _stale_factor(ctx, moved, flavour)
+        if stale:
+            return stale
     return "differs from the reference at the new parameters as at the old ones"
+
+
+def _stale_factor(
+    ctx: CheckContext, moved: CandidateResult, flavour: Flavour
+) -> str | None:
+    """One factor from the old parameters, the other fresh (a half-stale cache)."""
+    from kfac_oracle.conventions import kronecker_block
+    from kfac_oracle.reference.kfac import KFACSteps
+
+    new = KFACSteps().factors(ctx.problem("perturbed"), flavour, ctx.case.layers)
+    old = KFACSteps().factors(ctx.problem(), flavour, ctx.case.layers)
+    for layer in ctx.case.layers:
+        f_new, f_old = new[layer], old[layer]
+        for stale, mixed in (
+            (
+                "input factor A",
+                dataclasses.replace(f_new, input_covariance=f_old.input_covariance),
+            ),
+            (
+                "gradient factor G",
+                dataclasses.replace(
+                    f_new, gradient_covariance=f_old.gradient_covariance
+                ),
+            ),
+        ):
+            block = masked_reference(
+                kronecker_block(mixed), moved.bias[layer], ctx.module(layer)
+            )
+            fresh = masked_reference(
+                kronecker_block(f_new), moved.bias[layer], ctx.module(layer)
+            )
+            if torch.allclose(block, fresh):
+                continue
+            if fit_scalar(moved.blocks[layer], block, EXACT_RTOL) is not None:
+                return (
+                    f"stale {stale} (layer {layer}): computed at the old parameters, "
+                    "the other factor at the new ones (docs/theory.md §7, pitfall 10)"
+                )
+    return None
 
 
 @check(targets=current_parameters_targets, diagnose=_diagnose_stale)
@@ -205,7 +258,17 @@ def bias_modes(ctx: CheckContext) -> Outcome:
 
 
 def mc_reproducible_targets(case: Case) -> Iterator[Target]:
-    """One target per case, with the case's approximation."""
+    """One target per case with sampling variance, with the case's approximation.
+
+    Cases whose claims say sampling has no variance (``mc_exact``) are left out:
+    there another seed must give the same result.
+    """
+    if any(
+        c.statement == "mc_exact"
+        for layer in case.layers
+        for c in case.claims_for(layer)
+    ):
+        return
     approx = "reduce" if case.setting == "reduce" else "expand"
     yield Target("mc_reproducible", fisher_type=str(FisherType.MC), kfac_approx=approx)
 

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 import torch
 
 from kfac_oracle.catalogue import Case
-from kfac_oracle.checks.compare import masked_reference, rel_error
+from kfac_oracle.checks.compare import compare_blocks, masked_reference, rel_error
 from kfac_oracle.checks.context import CheckContext
+from kfac_oracle.checks.diagnose import diagnose_layer
 from kfac_oracle.checks.outcome import Outcome
 from kfac_oracle.checks.registry import Target, check, family
 from kfac_oracle.diagnosis import name_scalar, named_scales, shared_positions
@@ -165,3 +166,75 @@ def mc_variance(ctx: CheckContext, *, fisher_type: str, kfac_approx: str) -> Out
         f"layer {ctx.layer}: variance over seeds with M=1 / with M={MC_SAMPLES} = "
         f"{ratio:.3g} (expected ~{MC_SAMPLES}, required >= {VARIANCE_RATIO_MIN:g})",
     )
+
+
+def zero_variance_claims(case: Case) -> Iterator[Target]:
+    """One target per layer with an ``mc_exact`` claim."""
+    for layer in case.layers:
+        for claim in case.claims_for(layer):
+            if claim.statement == "mc_exact":
+                yield Target(
+                    f"mc_exact_{claim.kfac_approx}",
+                    layer,
+                    str(FisherType.MC),
+                    claim.kfac_approx,
+                )
+
+
+# (M, seed) of the zero-variance check: M = 1 and 2 expose M-dependent
+# normalisations (1/(M-1), 1/M², a missing 1/M) as clearly as large M.
+ZERO_VARIANCE_CALLS = ((1, 0), (2, 1), (7, 2))
+
+
+@check(targets=zero_variance_claims, diagnose=diagnose_layer)
+def mc_exact(ctx: CheckContext, *, fisher_type: str, kfac_approx: str) -> Outcome:
+    """Where sampling has no variance, MC-KFAC equals type-2 KFAC for any M and seed.
+
+    With two-class cross-entropy at equal logits (p = ½) or BCE at logit 0 (σ = ½)
+    every sampled gradient outer product equals the loss Hessian, so each MC result
+    must equal the type-2 block to a relative error of 1e-10 (docs/theory.md E6):
+    every error in the MC normalisation or sampling scale shows exactly.
+    """
+    assert ctx.layer is not None
+    worst: Outcome | None = None
+    for M, seed in ZERO_VARIANCE_CALLS:
+        result = ctx.candidate(ctx.key(fisher_type, kfac_approx, M, seed))
+        bias = ctx.reference_bias(result.bias[ctx.layer])
+        reference = ctx.reference(Flavour(FisherType.TYPE2, kfac_approx, bias))
+        what = (
+            f"layer {ctx.layer}, MC with M={M}, seed {seed} vs type-2 "
+            f"{ctx.approximation.title.removeprefix('reference ')} (zero variance)"
+        )
+        outcome = compare_blocks(
+            result.blocks[ctx.layer],
+            reference[ctx.layer],
+            result.bias[ctx.layer],
+            ctx.module(),
+            what,
+        )
+        if worst is None or (outcome.error or 0.0) > (worst.error or 0.0):
+            worst = outcome
+        if not outcome.passed:
+            outcome.diagnosis = _zero_variance_diagnosis(
+                ctx, outcome, result.blocks[ctx.layer], reference[ctx.layer], M
+            )
+            return outcome
+    assert worst is not None
+    return worst
+
+
+def _zero_variance_diagnosis(
+    ctx: CheckContext, outcome: Outcome, C: torch.Tensor, B: torch.Tensor, M: int
+) -> str | None:
+    """Name a constant factor between the MC and the type-2 block, if there is one."""
+    from kfac_oracle.diagnosis import fit_scalar
+
+    c = fit_scalar(C, B)
+    if c is None:
+        return None
+    problem = ctx.problem()
+    assert ctx.layer is not None
+    scales = named_scales(problem, shared_positions(problem, ctx.layer), M)
+    if M > 1:
+        scales[f"M/(M-1) = {M}/{M - 1} (1/(M-1) normalisation)"] = M / (M - 1)
+    return f"MC-KFAC off by {name_scalar(c, scales)} (M = {M})"
