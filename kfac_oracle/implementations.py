@@ -20,7 +20,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
 from types import ModuleType
@@ -127,6 +127,9 @@ class Resolved:
         name: Its display name.
         library: The library it wraps and its version, for reports (``None``: none
             declared).
+        documented: ``{check pattern: reason}``: differences the library documents
+            (a further approximation, a different convention); such failures are
+            reported ``documented``, not ``failed``.
     """
 
     impl: Any
@@ -134,6 +137,7 @@ class Resolved:
     spec: str | None
     name: str
     library: str | None = None
+    documented: dict[str, str] = field(default_factory=dict)
 
 
 def _import_attr(spec: str) -> Any:
@@ -227,12 +231,25 @@ def resolve(spec: Any) -> Resolved:
             f"{name}: reading capabilities raised {error!r}"
         ) from error
     capabilities = Capabilities.from_mapping(raw, f"{name}'s capabilities")
+    documented = getattr(obj, "documented", None) or {}
+    if not isinstance(documented, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in documented.items()
+    ):
+        raise ImplementationError(
+            f"{name}: documented must be a dict {{check pattern: reason}}"
+        )
+    library = _library_label(obj)
+    if library is None and label in adapters():
+        impl = adapters()[label]
+        if impl.library is not None:
+            library = f"{impl.library.distribution} {impl.library.version()}"
     return Resolved(
         impl=obj,
         capabilities=capabilities,
         spec=label if label is not None else _object_spec(obj),
         name=name,
-        library=_library_label(obj),
+        library=library,
+        documented=dict(documented),
     )
 
 

@@ -32,6 +32,21 @@ def available_adapters() -> dict[str, str | None]:
     return {name: impl.version() for name, impl in adapters().items()}
 
 
+def adapter_findings() -> dict[str, list]:
+    """``{adapter name: [Finding]}`` from the adapter modules' ``FINDINGS``."""
+    import importlib
+
+    from kfac_oracle.implementations import adapters
+
+    out: dict[str, list] = {}
+    for impl in {i.module: i for i in adapters().values()}.values():
+        module = importlib.import_module(impl.module)
+        for finding in getattr(module, "FINDINGS", []):
+            for name in finding.adapters:
+                out.setdefault(name, []).append(finding)
+    return out
+
+
 def adapter_error(name: str, message: str) -> dict:
     """One error record for an adapter that could not run at all."""
     return {
@@ -98,23 +113,41 @@ def matrix_markdown(
     for r in records:
         fam = by_impl.setdefault(r["implementation"], {f: Counter() for f in families})
         fam.setdefault(r["family"], Counter())[r["status"]] += 1
-    lines = [f"| implementation | version | {' | '.join(families)} | errors |"]
-    lines.append("|---|---|" + "---|" * len(families) + "---|")
+    lines = [
+        f"| implementation | version | {' | '.join(families)} | errors | documented "
+        "| findings (upstream status) |"
+    ]
+    lines.append("|---|---|" + "---|" * len(families) + "---|---|---|")
+    findings = adapter_findings()
     for name in sorted(set(versions) | set(by_impl)):
         version = versions.get(name) or "not installed"
+        labels = "; ".join(f.label for f in findings.get(name, [])) or "–"
         if name not in by_impl:
-            lines.append(f"| {name} | {version} |" + " – |" * len(families) + " – |")
+            lines.append(
+                f"| {name} | {version} |"
+                + " – |" * len(families)
+                + f" – | – | {labels} |"
+            )
             continue
-        cells, errors = [], 0
+        cells, errors, documented = [], 0, 0
         for family in families:
             c = by_impl[name].get(family, Counter())
             failed = c["failed"] + c["error"]
             errors += c["error"]
+            documented += c["documented"]
             cells.append(f"{c['passed']}/{failed}/{c['unsupported']}")
-        lines.append(f"| {name} | {version} | " + " | ".join(cells) + f" | {errors} |")
+        lines.append(
+            f"| {name} | {version} | "
+            + " | ".join(cells)
+            + f" | {errors} | {documented} | {labels} |"
+        )
     legend = (
-        "\nCells: passed/failed/unsupported (failed includes errors; the last column "
-        "counts the errors). "
+        "\nCells: passed/failed/unsupported (failed includes errors, which the errors "
+        "column counts; a crash is one error per check that needs the call). "
+        "documented: failures the library documents as a deliberate difference, with "
+        "the citation in the record (not counted as failed). Findings and their status "
+        "(new, known, fixed upstream unreleased, documented convention, documented "
+        "limitation): docs/findings.md. "
     )
     return "\n".join(lines) + legend + note + "\n"
 

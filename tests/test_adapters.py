@@ -65,6 +65,34 @@ def test_every_adapter_module_is_registered():
         assert getattr(module, "EXPECTATIONS", None), f"{impl.module}: no EXPECTATIONS"
 
 
+def declared_findings() -> dict[str, object]:
+    out = {}
+    for impl in ADAPTERS.values():
+        for finding in getattr(importlib.import_module(impl.module), "FINDINGS", []):
+            out[finding.id] = finding
+    return out
+
+
+def test_findings_have_one_status_everywhere():
+    """docs/findings.md's status table and the adapters' FINDINGS agree, id by id."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "findings.md").read_text()
+    table = dict(
+        re.findall(
+            r"^\| ((?:[A-Z]+|[a-z]+) ?\d+) \| [^|]+\| [^|]+\| ([^|]+?) \|", text, re.M
+        )
+    )
+    declared = declared_findings()
+    assert table, "no status table in docs/findings.md"
+    assert set(table) == set(declared), sorted(set(table) ^ set(declared))
+    for fid, status in table.items():
+        assert declared[fid].status == status.strip(), fid
+    for finding in declared.values():
+        assert set(finding.adapters) <= set(ADAPTERS), finding.id
+
+
 @pytest.mark.parametrize("exp", expectations())
 def test_adapter_expectations(exp):
     """Where the library is right every selected check passes; findings stay visible."""

@@ -107,6 +107,72 @@ class Expectation:
     finding: str = ""
 
 
+FINDING_STATUSES = (
+    "new",
+    "known",
+    "fixed upstream, unreleased",
+    "documented convention",
+    "documented limitation",
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Where a library differs from the oracle, with its upstream status.
+
+    Attributes:
+        id: Its id in docs/findings.md, e.g. ``"B1"``.
+        status: One of :data:`FINDING_STATUSES`: *new* (not reported upstream),
+            *known* (an upstream issue, PR or source comment acknowledges it),
+            *fixed upstream, unreleased*, *documented convention*, *documented
+            limitation*.
+        summary: One line on what differs.
+        evidence: The citation behind the status (issue, PR, commit, docstring).
+        adapters: The adapters whose records show it.
+        checks: For a documented convention or limitation: the check-id patterns
+            where the library's documented behaviour fails a check; those records
+            get the status ``documented`` instead of ``failed``.
+    """
+
+    id: str
+    status: str
+    summary: str
+    evidence: str
+    adapters: tuple[str, ...] = ()
+    checks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.status not in FINDING_STATUSES:
+            raise ValueError(
+                f"finding {self.id}: status {self.status!r} is not one of "
+                f"{FINDING_STATUSES}"
+            )
+        if self.checks and not self.status.startswith("documented"):
+            raise ValueError(
+                f"finding {self.id}: only documented conventions and limitations "
+                "mark records as documented"
+            )
+
+    @property
+    def label(self) -> str:
+        """``"B1 (known)"``."""
+        return f"{self.id} ({self.status})"
+
+
+def documented_differences(findings: list[Finding], adapter: str) -> dict[str, str]:
+    """``{check pattern: reason}`` of an adapter's documented conventions/limitations.
+
+    Set as the adapter class's ``documented`` attribute: the harness then reports
+    those failures as ``documented``, with the reason, not as failures of the library.
+    """
+    return {
+        pattern: f"{f.id}, {f.status}: {f.summary} ({f.evidence})"
+        for f in findings
+        if adapter in f.adapters
+        for pattern in f.checks
+    }
+
+
 def check_request(name: str, capabilities: Any, request: KFACRequest) -> None:
     """Raise ``NotImplementedError`` for a request the capabilities exclude.
 
@@ -144,7 +210,10 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 __all__ = [
+    "FINDING_STATUSES",
     "Expectation",
+    "Finding",
+    "documented_differences",
     "Library",
     "check_request",
     "distribution_version",

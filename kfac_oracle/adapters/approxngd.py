@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kfac_oracle.adapters._common import Expectation, Library, check_request
+from kfac_oracle.adapters._common import Expectation, Finding, Library, check_request
 from kfac_oracle.contract import KFACRequest, KroneckerFactors
 
 LIBRARY = Library("approxngd", "approxngd", extra="approxngd")
@@ -172,6 +172,40 @@ class ApproxngdKFAC:
 
 
 ADAPTERS: dict[str, type[ApproxngdKFAC]] = {ApproxngdKFAC.name: ApproxngdKFAC}
+
+
+# Findings (docs/findings.md): where the library differs, with its upstream status.
+FINDINGS = [
+    Finding(
+        "A1",
+        "known",
+        "Conv2d blocks lack the batch-size factor of Linear blocks: 1/N²",
+        "source comment \"in the original code they scale by the batch_size, I don't "
+        'quite understand this"',
+        adapters=("approxngd-kfac",),
+    ),
+    Finding(
+        "A2",
+        "new",
+        "Conv2d patch extraction ignores the dilation",
+        "ConvFisherBlock.extract_patches",
+        adapters=("approxngd-kfac",),
+    ),
+    Finding(
+        "A3",
+        "new",
+        "FisherBlock.full_fisher_block() raises AttributeError (_renorm_coeff)",
+        "unchanged on main",
+    ),
+    Finding(
+        "A4",
+        "documented limitation",
+        "mean reduction only; weight-shared Linear layers unsupported; the moving "
+        "average weights steps equally",
+        "README",
+        adapters=("approxngd-kfac",),
+    ),
+]
 
 
 # Where the library is right (every selected check passes) and its findings

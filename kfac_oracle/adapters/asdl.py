@@ -58,7 +58,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kfac_oracle.adapters._common import Expectation, Library, check_request
+from kfac_oracle.adapters._common import Expectation, Finding, Library, check_request
 from kfac_oracle.contract import KFACRequest, KroneckerFactors
 
 LIBRARY = Library("asdfghjkl", "asdl", extra="asdl")
@@ -238,6 +238,63 @@ ADAPTERS: dict[str, type[_AsdlKron]] = {
     AsdlFisherMC.name: AsdlFisherMC,
     AsdlFisherEmp.name: AsdlFisherEmp,
 }
+
+
+# Findings (docs/findings.md): where the library differs, with its upstream status.
+FINDINGS = [
+    Finding(
+        "ASDL 1",
+        "new",
+        "n_mc_samples = M scales the MC Fisher by 1/M",
+        "fisher.py FisherMC*._fisher_loop; master = 0.1a5",
+        adapters=("asdl-fisher-mc",),
+    ),
+    Finding(
+        "ASDL 2",
+        "new",
+        "scale enters the weight block squared",
+        "set_cov_scale scales both factors",
+    ),
+    Finding(
+        "ASDL 3",
+        "new",
+        "MSE var: the exact Fisher ignores it, MC multiplies by it",
+        "FisherExactMSE, FisherMCMSE",
+    ),
+    Finding(
+        "ASDL 4",
+        "new",
+        "Linear on (N, S, D) normalises per token, Conv2d per example: no single "
+        "data_size fits a network mixing them",
+        "operations/linear.py vs operations/conv.py cov_kron_A",
+        adapters=(
+            "asdl-fisher-exact",
+            "asdl-fisher-mc",
+            "asdl-fisher-emp",
+            "laplace-kron-asdl",
+        ),
+    ),
+    Finding(
+        "ASDL 5",
+        "documented convention",
+        "mse is the unit-variance Gaussian ½‖f − y‖² (the adapter converts)",
+        "NaturalGradientMaker docstring (var)",
+    ),
+    Finding(
+        "ASDL 6",
+        "documented limitation",
+        "Conv2d with dilation is rejected",
+        'utils.im2col_2d: "conv2d.dilation has to be (1, 1)"',
+        adapters=("asdl-fisher-exact", "asdl-fisher-mc", "asdl-fisher-emp"),
+    ),
+    Finding(
+        "ASDL 7",
+        "new",
+        "the exact MSE Fisher of (N, S, C) outputs indexes positions, not classes",
+        "fisher.py FisherExactMSE._fisher_loop, logits[:, i]",
+        adapters=("asdl-fisher-exact",),
+    ),
+]
 
 
 # Where the library is right (every selected check passes) and its findings

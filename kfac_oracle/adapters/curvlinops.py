@@ -24,7 +24,7 @@ import copy
 
 import torch
 
-from kfac_oracle.adapters._common import Expectation, Library
+from kfac_oracle.adapters._common import Expectation, Finding, Library
 from kfac_oracle.contract import (
     FULL_CAPABILITIES,
     DenseBlock,
@@ -119,6 +119,45 @@ class CurvlinopsEKFAC:
 
 
 ADAPTERS = {"curvlinops-kfac": CurvlinopsKFAC, "curvlinops-ekfac": CurvlinopsEKFAC}
+
+
+# Findings (docs/findings.md): where the library differs, with its upstream status.
+FINDINGS = [
+    Finding(
+        "C1",
+        "new",
+        "type-2 KFAC of outputs with more than two dimensions backpropagates each "
+        "Hessian-square-root column over all positions at once (cross-position terms)",
+        "still on main (63fd690); no upstream issue",
+        adapters=("curvlinops-kfac", "laplace-kron-curvlinops"),
+    ),
+    Finding(
+        "C2",
+        "documented convention",
+        "the dense EF of >2-D outputs is per position, its EF-KFAC per datum",
+        "utils.py: make_functional_flattened_model_and_loss docstring",
+    ),
+    Finding(
+        "C3",
+        "fixed upstream, unreleased",
+        "type-2 KFAC and the MC Fisher reject soft BCE targets",
+        "PR #257, commit e81f6bb",
+        adapters=("curvlinops-kfac",),
+    ),
+    Finding(
+        "C4",
+        "fixed upstream, unreleased",
+        "the MC Fisher draws MSE labels with a float32 standard deviation",
+        "PR #235 (commit 8b96b36), PR #255",
+    ),
+    Finding(
+        "C6",
+        "new",
+        "KFAC leaves its hooks on the model after an exception",
+        "main: computers/kfac_hooks.py removes hooks outside try/finally",
+        adapters=("curvlinops-kfac",),
+    ),
+]
 
 
 # Where the library is right (every selected check passes) and its findings

@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kfac_oracle.adapters._common import Expectation, Library, check_request
+from kfac_oracle.adapters._common import Expectation, Finding, Library, check_request
 from kfac_oracle.contract import DenseBlock, KFACRequest
 from kfac_oracle.conventions import joint_to_canonical_permutation
 
@@ -200,6 +200,41 @@ ADAPTERS: dict[str, type[_DattriBase]] = {
     DattriEKFAC.name: DattriEKFAC,
     DattriEKFACIFVP.name: DattriEKFACIFVP,
 }
+
+
+# Findings (docs/findings.md): where the library differs, with its upstream status.
+FINDINGS = [
+    Finding(
+        "D1",
+        "new",
+        "EK-FAC is fitted in the basis of the rows of the eigenvector matrices",
+        "q_s @ ∇W @ q_a.T with eigh eigenvectors as columns; unchanged on main",
+        adapters=("dattri-ekfac", "dattri-ekfac-ifvp"),
+    ),
+    Finding(
+        "D2",
+        "new",
+        "the IFVP reshapes [vec(W), b] as if it were [W | b], mixing weight and bias "
+        "entries",
+        "transform_test_rep; unchanged on main",
+        adapters=("dattri-ekfac-ifvp",),
+    ),
+    Finding(
+        "D3",
+        "new",
+        "sequence inputs, which the loss docstring describes, crash "
+        "(UnboundLocalError a_prev)",
+        "unchanged on main",
+        adapters=("dattri-ekfac", "dattri-ekfac-ifvp"),
+    ),
+    Finding(
+        "D4",
+        "new",
+        "an in-place ReLU after a Linear layer gives a silently wrong result",
+        "unchanged on main",
+        adapters=("dattri-ekfac", "dattri-ekfac-ifvp"),
+    ),
+]
 
 
 # Where the library is right (every selected check passes) and its findings

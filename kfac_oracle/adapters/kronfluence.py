@@ -52,7 +52,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kfac_oracle.adapters._common import Expectation, Library, check_request
+from kfac_oracle.adapters._common import Expectation, Finding, Library, check_request
 from kfac_oracle.contract import DenseBlock, KFACRequest, KroneckerFactors
 from kfac_oracle.conventions import joint_to_canonical_permutation
 
@@ -267,6 +267,33 @@ ADAPTERS: dict[str, type[_KronfluenceBase]] = {
     KronfluenceKFAC.name: KronfluenceKFAC,
     KronfluenceEKFAC.name: KronfluenceEKFAC,
 }
+
+
+# Findings (docs/findings.md): where the library differs, with its upstream status.
+FINDINGS = [
+    Finding(
+        "kronfluence 1",
+        "new",
+        "with weight sharing KFAC is KFAC-expand / S while EKFAC is per example; the "
+        "absolute default damping (1e-8) leaves shared layers weighted S times more "
+        "in influence scores",
+        "module/linear.py, module/conv2d.py (count = N·S), factor/eigen.py",
+        adapters=("kronfluence-kfac",),
+    ),
+    Finding(
+        "kronfluence 2",
+        "documented limitation",
+        "no type-2 Fisher; MC draws one label per datum",
+        "Task.compute_train_loss(..., sample)",
+    ),
+    Finding(
+        "kronfluence 3",
+        "documented convention",
+        "float32 factor dtypes and covariance_max_examples = 100,000 by default (the "
+        "adapter sets float64)",
+        "DOCUMENTATION.md, FactorArguments",
+    ),
+]
 
 
 # Where the library is right (every selected check passes) and its findings

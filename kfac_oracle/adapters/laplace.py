@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kfac_oracle.adapters._common import Expectation, Library, check_request
+from kfac_oracle.adapters._common import Expectation, Finding, Library, check_request
 from kfac_oracle.contract import KFACRequest, KroneckerFactors
 
 LIBRARY = Library("laplace-torch", "laplace", extra="laplace")
@@ -297,6 +297,41 @@ ADAPTERS = {
     "laplace-kron-backpack": LaplaceKronBackpack,
     "laplace-kron-asdl": LaplaceKronAsdl,
 }
+
+
+# Findings (docs/findings.md): where the library differs, with its upstream status.
+FINDINGS = [
+    Finding(
+        "L1",
+        "new",
+        "the regression empirical Fisher is twice the EF of laplace's own likelihood "
+        "N(f, 1), every backend",
+        "curvature/curvature.py (factor = ½), curvlinops.py, asdl.py",
+        adapters=("laplace-kron-curvlinops", "laplace-kron-asdl"),
+    ),
+    Finding(
+        "L2",
+        "new",
+        "ASDL backend (asdfghjkl 0.1a4): the MC Fisher with M samples is M times too "
+        "small",
+        "same code as ASDL 1",
+        adapters=("laplace-kron-asdl",),
+    ),
+    Finding(
+        "L3",
+        "known",
+        "the BackPACK backend inherits B1",
+        "as B1 (PR #290)",
+        adapters=("laplace-kron-backpack",),
+    ),
+    Finding(
+        "L4",
+        "documented limitation",
+        "BackPACK backend: one MC sample, no Kronecker EF; in-place models unsupported",
+        "BackPackEF.kron raises; BackPackGGN uses KFAC()",
+        adapters=("laplace-kron-backpack",),
+    ),
+]
 
 
 # Where the library is right (every selected check passes) and its findings

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from kfac_oracle.adapters._common import Expectation, Library, check_request
+from kfac_oracle.adapters._common import Expectation, Finding, Library, check_request
 from kfac_oracle.contract import KFACRequest, KroneckerFactors
 
 LIBRARY = Library("modelgeometry", "modelgeometry", extra="modelgeometry")
@@ -116,6 +116,34 @@ class ModelgeometryKFAC:
 ADAPTERS: dict[str, type[ModelgeometryKFAC]] = {
     ModelgeometryKFAC.name: ModelgeometryKFAC,
 }
+
+
+# Findings (docs/findings.md): where the library differs, with its upstream status.
+FINDINGS = [
+    Finding(
+        "M1",
+        "documented convention",
+        "tokens are rows: with weight sharing G is averaged over tokens (KFAC-expand "
+        "/ S)",
+        "kfac module docstring",
+        adapters=("modelgeometry-kfac",),
+    ),
+    Finding(
+        "M2",
+        "new",
+        "with the mean loss of its own tests and demo, G carries 1/B² against its "
+        "diagonal_fisher",
+        "kfac_factors; not visible in the matrix (the adapter passes a sum loss)",
+    ),
+    Finding(
+        "M3",
+        "new",
+        "an in-place activation after a hooked Linear layer crashes (full backward "
+        "hook)",
+        "unchanged on main",
+        adapters=("modelgeometry-kfac",),
+    ),
+]
 
 
 # Where the library is right (every selected check passes) and its findings

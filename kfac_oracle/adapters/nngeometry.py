@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kfac_oracle.adapters._common import Expectation, Library, check_request
+from kfac_oracle.adapters._common import Expectation, Finding, Library, check_request
 from kfac_oracle.contract import DenseBlock, KFACRequest, KroneckerFactors
 from kfac_oracle.conventions import joint_to_canonical_permutation, weight_shape_2d
 
@@ -237,6 +237,50 @@ ADAPTERS: dict[str, type[_NngeometryBase]] = {
     NngeometryKFAC.name: NngeometryKFAC,
     NngeometryEKFAC.name: NngeometryEKFAC,
 }
+
+
+# Findings (docs/findings.md): where the library differs, with its upstream status.
+FINDINGS = [
+    Finding(
+        "nngeometry 1",
+        "fixed upstream, unreleased",
+        "classif_logits crashes on float64 models unless the default dtype is float64",
+        "commit b602bf2",
+        adapters=("nngeometry-kfac", "nngeometry-ekfac"),
+    ),
+    Finding(
+        "nngeometry 2",
+        "fixed upstream, unreleased",
+        "hooks stay on the model after an exception",
+        "PR #128, commit 9ff6cd6",
+        adapters=("nngeometry-kfac", "nngeometry-ekfac"),
+    ),
+    Finding(
+        "nngeometry 3",
+        "new",
+        "PMatKFAC.to_torch() returns the default dtype",
+        "object/pspace.py, unchanged on main",
+    ),
+    Finding(
+        "nngeometry 4",
+        "documented convention",
+        "regression is the identity-covariance Gaussian (the adapter converts)",
+        "FIM docstring",
+    ),
+    Finding(
+        "nngeometry 5",
+        "documented limitation",
+        "MC only for classification; no empirical Fisher",
+        "FIM_MonteCarlo docstring",
+    ),
+    Finding(
+        "nngeometry 6",
+        "fixed upstream, unreleased",
+        "Linear layers with (N, S, D) inputs crash",
+        "PR #123, commit 4bb1568",
+        adapters=("nngeometry-kfac", "nngeometry-ekfac"),
+    ),
+]
 
 
 # Where the library is right (every selected check passes) and its findings

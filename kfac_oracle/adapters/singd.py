@@ -47,7 +47,7 @@ from __future__ import annotations
 import copy
 from typing import Any, ClassVar
 
-from kfac_oracle.adapters._common import Expectation, Library, check_request
+from kfac_oracle.adapters._common import Expectation, Finding, Library, check_request
 from kfac_oracle.contract import KFACRequest, KroneckerFactors
 
 LIBRARY = Library("singd", "singd", extra="singd")
@@ -131,6 +131,26 @@ class SingdKFAC:
 
 
 ADAPTERS: dict[str, type[SingdKFAC]] = {SingdKFAC.name: SingdKFAC}
+
+
+# Findings (docs/findings.md): where the library differs, with its upstream status.
+FINDINGS = [
+    Finding(
+        "S1",
+        "new",
+        "gradient accumulation with unequal micro-batches depends on the split (mean "
+        "reduction)",
+        "unchanged on main",
+        adapters=("singd-kfac",),
+    ),
+    Finding(
+        "S2",
+        "known",
+        "with sum reduction, k micro-batches give k times the factors",
+        "f-dangel/singd#43 (cited by its own test)",
+        adapters=("singd-kfac",),
+    ),
+]
 
 
 # Where the library is right (every selected check passes) and its findings

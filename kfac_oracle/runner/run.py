@@ -263,7 +263,11 @@ def run(
     sink = open(stream, "a") if stream is not None else None  # noqa: SIM115
     try:
         for k, item in enumerate(items):
-            record = expected_failures_.apply(run_item(item, session), expected)
+            record = run_item(item, session)
+            record = expected_failures_.apply_documented(
+                record, session.resolved.documented
+            )
+            record = expected_failures_.apply(record, expected)
             record.reproduce = session.reproduce(item)
             records.append(record)
             if sink is not None:
