@@ -306,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "adapters", nargs="*", help="built-in adapter names (default: all available)"
     )
+    p.add_argument(
+        "--extras",
+        default=None,
+        help="only adapters whose library is installed by these kfac-oracle extras "
+        "(comma-separated; 'core' for dependencies such as curvlinops)",
+    )
     p.add_argument("--cases", default=None, help="patterns on case id or family")
     p.add_argument("--json", default=None, help="write all check records as JSON")
     p.add_argument("--markdown", default=None, help="write the matrix as Markdown")

@@ -32,6 +32,14 @@ def available_adapters() -> dict[str, str | None]:
     return {name: impl.version() for name, impl in adapters().items()}
 
 
+def _extra_of(name: str) -> str:
+    """The kfac-oracle extra that installs an adapter's library ('core': none)."""
+    from kfac_oracle.implementations import adapters
+
+    library = adapters()[name].library
+    return (library.extra if library is not None else None) or "core"
+
+
 def adapter_findings() -> dict[str, list]:
     """``{adapter name: [Finding]}`` from the adapter modules' ``FINDINGS``."""
     import importlib
@@ -166,6 +174,8 @@ def main(args) -> int:
         names = sorted({r["implementation"] for r in records})
     else:
         names = args.adapters or [n for n, v in versions.items() if v is not None]
+        if getattr(args, "extras", None):
+            names = [n for n in names if _extra_of(n) in args.extras.split(",")]
         unknown = [n for n in names if n not in versions]
         if unknown:
             raise UsageError(f"unknown adapters {unknown}; known: {sorted(versions)}")
