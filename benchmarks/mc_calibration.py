@@ -12,8 +12,9 @@ seeds ``j·1000 + k``; the reference draws come from ``--pools`` independent poo
 Power: each wrong candidate of ``tests/mc_candidates.WRONG`` runs ``--power-sets`` seed
 sets per case; the table gives how often it was caught and by which test.
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/mc_calibration.py`` (about 30 minutes on
-one core with the defaults; ``--sets 20 --pools 4 --power-sets 3`` takes about 4).
+Run: ``OMP_NUM_THREADS=1 python benchmarks/mc_calibration.py`` (about 40 minutes on
+one core with the defaults; ``--sets 20 --pools 4 --power-sets 3`` takes about 5;
+``--tails 20000`` adds about 15).
 """
 
 from __future__ import annotations
@@ -181,6 +182,53 @@ def power(tgts, sets: int, pools: int, wrong=WRONG, log=print):
     return rows
 
 
+def tail_check(tg, M: int, draws: int, K: int, resamples: int, levels, log=print):
+    """Tails of the scale statistic of a K-mean, by resampling many reference draws.
+
+    ``T = (ū − 1)/(σ/√K)`` over ``resamples`` means of ``K`` of ``draws`` reference
+    draws (σ from all draws, so only the shape of the distribution is tested). For each
+    level, the frequency of ``T`` beyond the Pearson III and the normal quantiles of
+    that level (upper and lower tail) divided by the level: 1 is exact.
+    """
+    steps = KFACSteps()
+    B = tg.B
+    bb = float((B * B).sum())
+    seeds = range(3 * st.REFERENCE_SEED_OFFSET, 3 * st.REFERENCE_SEED_OFFSET + draws)
+    u = torch.tensor(
+        [float((tg.steps_block(steps, M, s) * B).sum()) / bb for s in seeds]
+    )
+    d = u - 1
+    sd = float(d.pow(2).mean().sqrt())
+    c = d - d.mean()
+    skew = float(c.pow(3).mean()) / float(c.pow(2).mean()) ** 1.5
+    g = torch.Generator().manual_seed(0)
+    T = []
+    for _ in range(max(resamples // 10**6, 1)):
+        idx = torch.randint(0, draws, (10**6, K), generator=g)
+        T.append(d[idx].mean(1) / (sd / math.sqrt(K)))
+    T = torch.cat(T)
+    rows = []
+    for level in levels:
+        up_g = st._ratio_quantile(level, skew / math.sqrt(K), math.inf)
+        lo_g = st._ratio_quantile(level, -skew / math.sqrt(K), math.inf)
+        z = float(torch.distributions.Normal(0, 1).icdf(torch.tensor(1 - level)))
+        row = (
+            float((T > up_g).double().mean()) / level,
+            float((T < -lo_g).double().mean()) / level,
+            float((T > z).double().mean()) / level,
+            float((T < -z).double().mean()) / level,
+        )
+        rows.append((level, row))
+    log(
+        f"  {tg.id:30s} M={M} skew {skew:+.2f}: "
+        + "; ".join(
+            f"level {lv:.0e}: gamma {r[0]:.2f}/{r[1]:.2f}, normal {r[2]:.2f}/{r[3]:.2f}"
+            for lv, r in rows
+        )
+    )
+    return tg.id, M, skew, rows
+
+
 def _kind(t) -> str:
     return f"{t.name}@M={t.mc_samples}" if t.mc_samples is not None else t.name
 
@@ -208,6 +256,14 @@ def main(argv=None):
     parser.add_argument("--wrong", default="", help="substring filter on wrong ones")
     parser.add_argument("--skip-power", action="store_true")
     parser.add_argument("--skip-false-alarms", action="store_true")
+    parser.add_argument(
+        "--tails",
+        type=int,
+        default=0,
+        metavar="DRAWS",
+        help="also check the scale statistic's tails at M = 1, 2, 3 by resampling "
+        "DRAWS reference draws (e.g. 20000)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
@@ -244,6 +300,29 @@ def main(argv=None):
         for name in wrong:
             where = [r[1] for r in rows if r[0] == name and r[2] == r[3]]
             print(f"  {name:24s} {len(where)}/{len(tgts)}: {', '.join(where) or '-'}")
+    if args.tails:
+        K = dict(st.PLAN)[1]
+        print(
+            f"\nTails of the scale statistic (K = {K}, {args.tails} draws, 10^7 "
+            "resampled K-means): frequency beyond the quantile / level, upper/lower"
+        )
+        rows = [  # a sum case's blocks are its mean case's times a constant
+            tail_check(tg, M, args.tails, K, 10**7, (1e-4, 1e-5, 1e-6))
+            for tg in tgts
+            if tg.case.reduction == "mean"
+            for M in (1, 2, 3)
+        ]
+        print(
+            "\n| case[layer] | M | skewness | level | Pearson III upper/lower | "
+            "normal upper/lower |"
+        )
+        print("|---|---|---|---|---|---|")
+        for tid, M, skew, lv in rows:
+            for level, r in lv:
+                print(
+                    f"| {tid} | {M} | {skew:+.2f} | {level:.0e} | {r[0]:.2f} / "
+                    f"{r[1]:.2f} | {r[2]:.2f} / {r[3]:.2f} |"
+                )
     print(f"\nwall time {time.time() - t0:.0f} s")
 
 

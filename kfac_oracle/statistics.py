@@ -141,9 +141,9 @@ class NullModel:
         mc_samples: ``M``.
         mean: ``B``, the type-2 KFAC block (the exact mean of every draw).
         num_draws: ``R``.
-        scale_var: ``σ̂²`` of ``u = ⟨D, B⟩/⟨B, B⟩`` about its mean 1.
-        scale_skew: Skewness of ``u``.
-        scale_kurt: Kurtosis of ``u`` (3 for a normal).
+        scale_var: ``σ̂²`` of ``u = ⟨D, B⟩/⟨B, B⟩`` about its known mean 1.
+        scale_skew: Sample skewness of ``u``.
+        scale_kurt: Sample kurtosis of ``u`` (3 for a normal).
         total_var: ``tr Σ̂ = (1/R) Σ ‖D_r − B‖²_F``.
         total_var_var: ``V̂``, sample variance of ``‖D_r − B‖²_F``.
         frob_sq: ``‖Σ̂‖²_F = tr Σ̂²``.
@@ -175,7 +175,9 @@ class NullModel:
         return 2 * self.num_draws * self.total_var**2 / V
 
 
-def null_model(draws: Tensor | Sequence[Tensor], mean: Tensor, mc_samples: int = 0):
+def null_model(
+    draws: Tensor | Sequence[Tensor], mean: Tensor, mc_samples: int = 0
+) -> NullModel:
     """Summarise ``R`` reference blocks drawn at one ``M``.
 
     Args:
@@ -205,10 +207,14 @@ def null_model(draws: Tensor | Sequence[Tensor], mean: Tensor, mc_samples: int =
     eig = torch.linalg.eigvalsh(gram)
     if bb > 0:
         v = Y @ B.reshape(-1) / bb
-        var = float((v * v).mean())
-        sd = math.sqrt(var) if var > 0 else 1.0
-        skew = float((v**3).mean()) / sd**3
-        kurt = float((v**4).mean()) / sd**4
+        var = float((v * v).mean())  # about the known mean: R degrees of freedom
+        # shape about the sample mean: standard error √(6/R) of the skewness (about
+        # the known mean it would be √(15/R))
+        c = v - v.mean()
+        m2 = float((c * c).mean())
+        sd = math.sqrt(m2) if m2 > 0 else 1.0
+        skew = float((c**3).mean()) / sd**3
+        kurt = float((c**4).mean()) / sd**4
     else:
         var, skew, kurt = 0.0, 0.0, 3.0
     return NullModel(
@@ -690,7 +696,7 @@ def _scale_interval(alpha: float, null: NullModel, K: int) -> tuple[float, float
 
 @lru_cache(maxsize=4096)
 def _ratio_quantile(alpha: float, skew: float, nu: float) -> float:
-    """``t`` with ``P(X / √(χ²_ν/ν) > t) = alpha``.
+    """``t`` with ``P(X / √(χ²_ν/ν) > t) = alpha`` (``nu = inf``: ``P(X > t)``).
 
     ``X`` is a standardised Pearson type III variable with skewness ``skew``
     (``(G − k)/√k`` with ``G ~ Gamma(k)``, ``k = 4/skew²``; mirrored for negative
@@ -705,10 +711,13 @@ def _ratio_quantile(alpha: float, skew: float, nu: float) -> float:
             return float(stats.gamma.sf(k + x * math.sqrt(k), k))
         return float(stats.gamma.cdf(k - x * math.sqrt(k), k))
 
-    w_lo = float(stats.chi2.ppf(alpha * 1e-4, nu))
-    w_hi = float(stats.chi2.isf(1e-15, nu))
+    w_lo = float(stats.chi2.ppf(alpha * 1e-4, nu)) if math.isfinite(nu) else 0.0
+    w_hi = float(stats.chi2.isf(1e-15, nu)) if math.isfinite(nu) else 0.0
 
     def tail(t: float) -> float:
+        if not math.isfinite(nu):  # σ known
+            return tail_x(t)
+
         def integrand(w):
             return tail_x(t * math.sqrt(w / nu)) * stats.chi2.pdf(w, nu)
 
