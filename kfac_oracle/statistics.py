@@ -87,7 +87,7 @@ of ``B`` (e.g. ``c · B_alt``; the null spread is scaled by ``|c|``). With ``H_M
 reproduces the verdict's mean tests exactly, so a failed verdict is never diagnosed as
 "within the statistical bound".
 
-References: K. Pearson, Biometrika 46 (1959) 364; J. P. Imhof, Biometrika 48 (1961)
+References: E. S. Pearson, Biometrika 46 (1959) 364; J. P. Imhof, Biometrika 48 (1961)
 419-426; H. Liu, Y. Tang, H. H. Zhang, Comput. Stat. Data Anal. 53 (2009) 853-856;
 F. E. Satterthwaite, Biometrics Bull. 2 (1946) 110-114; G. E. P. Box, Biometrika 40
 (1953) 318-335; B. Laurent, P. Massart, Ann. Statist. 28 (2000) 1302-1338;
