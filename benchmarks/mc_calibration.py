@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kfac_oracle import statistics as st  # noqa: E402
 from kfac_oracle.catalogue import load_cases  # noqa: E402
 from kfac_oracle.conventions import kronecker_block  # noqa: E402
+from kfac_oracle.flavours import Flavour  # noqa: E402
 from kfac_oracle.reference.kfac import KFACSteps  # noqa: E402
+from kfac_oracle.reference.mc_draws import reference_draws  # noqa: E402
 from tests.mc_candidates import WRONG, independent_mc_kfac  # noqa: E402
 
 EXTRA = ("mlp_tanh_cro_sum", "mlp_tanh_bce_sum", "seq_ce_sum")
@@ -51,7 +53,8 @@ def targets(extra=EXTRA) -> list[tuple]:
     for cid in extra:
         mean = cases[cid.replace("_sum", "_mean")]
         for _, layer, approx in [t for t in out if t[0] is mean]:
-            out.append((cases[cid], layer, approx))
+            if (cases[cid], layer, approx) not in out:
+                out.append((cases[cid], layer, approx))
     return out
 
 
@@ -62,18 +65,20 @@ class Target:
         self.case, self.layer, self.approx = case, layer, approx
         self.problem = case.build()
         self.id = f"{case.id}[{layer}]"
-        f = KFACSteps().factors(self.problem, "type-2", approx, "joint", layers=[layer])
+        f = KFACSteps().factors(
+            self.problem, "type-2", [layer], kfac_approx=approx, bias="joint"
+        )
         self.B = kronecker_block(f[layer])
 
     def steps_block(self, steps: KFACSteps, M: int, seed: int):
         f = steps.factors(
             self.problem,
             "mc",
-            self.approx,
-            "joint",
+            [self.layer],
+            kfac_approx=self.approx,
+            bias="joint",
             mc_samples=M,
             seed=seed,
-            layers=[self.layer],
         )
         return kronecker_block(f[self.layer])
 
@@ -85,11 +90,14 @@ class Target:
         return kronecker_block(f)
 
     def nulls(self, pool: int, R: int = st.REFERENCE_DRAWS) -> dict:
-        steps = KFACSteps()
+        """The null models as the check builds them (one batched stream per M);
+        pool ``p`` uses the seed ``REFERENCE_SEED_OFFSET + p``."""
         out = {}
         for M, _ in st.PLAN:
-            seeds = [st.REFERENCE_SEED_OFFSET + pool * R + r for r in range(R)]
-            draws = torch.stack([self.steps_block(steps, M, s) for s in seeds])
+            flavour = Flavour(
+                "mc", self.approx, "joint", M, st.REFERENCE_SEED_OFFSET + pool
+            )
+            draws = reference_draws(self.problem, flavour, R, [self.layer])[self.layer]
             out[M] = st.null_model(draws, self.B, M)
         return out
 

@@ -165,7 +165,13 @@ CASES.append(
     Case(
         id="mlp_twin_layers_mse_mean",
         family="mlp",
-        model=[("Linear", 4, 4), ("Tanh",), ("Linear", 4, 4), ("Tanh",), ("Linear", 4, 3)],
+        model=[
+            ("Linear", 4, 4),
+            ("Tanh",),
+            ("Linear", 4, 4),
+            ("Tanh",),
+            ("Linear", 4, 3),
+        ],
         input_shape=(4,),
         loss="MSELoss",
         batch_sizes=(3, 2, 2),
@@ -183,9 +189,7 @@ CASES.append(
         loss="MSELoss",
         reduction="sum",
         batch_sizes=(2, 3),
-        claims={
-            name: [exact("E2"), hessian_equals_ggn()] for name in ("0", "1", "2")
-        },
+        claims={name: [exact("E2"), hessian_equals_ggn()] for name in ("0", "1", "2")},
         seed=24,
         description="deep linear net of equal widths, MSE: every layer exact",
     )

@@ -278,3 +278,15 @@ MUTANTS = [
     StaleParameters,
     FirstBatchOnly,
 ]
+
+
+def _mc_mutants() -> list[type]:
+    """The Monte-Carlo sensitivity list (tests/mc_candidates.py) as mutants."""
+    from tests.mc_candidates import WRONG
+
+    new = ("scale_5_percent", "true_labels_10_percent", "one_over_M_minus_1")
+    new += ("capped_at_3", "shared_noise", "seed_ignored_fixed")
+    return [mutant(WRONG[name], f"mc_{name}", f"9: MC {name}") for name in new]
+
+
+MUTANTS += _mc_mutants()

@@ -180,7 +180,7 @@ def test_budget():
 
 def _block(problem, layer, M, seed, steps=None):
     f = (steps or KFACSteps()).factors(
-        problem, "mc", "expand", "joint", mc_samples=M, seed=seed, layers=[layer]
+        problem, "mc", [layer], kfac_approx="expand", mc_samples=M, seed=seed
     )
     return kronecker_block(f[layer])
 
@@ -189,7 +189,9 @@ def _block(problem, layer, M, seed, steps=None):
 def bce_case():
     problem = get_case("mlp_tanh_bce_mean").build()
     layer = "2"
-    f = KFACSteps().factors(problem, "type-2", "expand", "joint", layers=[layer])
+    f = KFACSteps().factors(
+        problem, "type-2", [layer], kfac_approx="expand", bias="joint"
+    )
     B = kronecker_block(f[layer])
     nulls = {}
     for M, _ in st.PLAN:
@@ -290,7 +292,7 @@ ZERO_VARIANCE = [
 @pytest.mark.parametrize("loss, out, seq", ZERO_VARIANCE)
 def test_zero_variance_mc_equals_type2(loss, out, seq, reduction):
     p = _zero_logit_problem(loss, out, reduction, seq)
-    f = KFACSteps().factors(p, "type-2", "expand", "joint", layers=["2"])
+    f = KFACSteps().factors(p, "type-2", ["2"], kfac_approx="expand", bias="joint")
     B = kronecker_block(f["2"])
     assert B.norm() > 0
     for M, seed in ((1, 0), (2, 3), (3, 11), (17, 5)):
@@ -306,7 +308,7 @@ def test_zero_variance_mc_equals_type2(loss, out, seq, reduction):
 
 def test_zero_variance_verdict_is_exact():
     p = _zero_logit_problem("CrossEntropyLoss", 2, "mean")
-    B = kronecker_block(KFACSteps().factors(p, "type-2", layers=["2"])["2"])
+    B = kronecker_block(KFACSteps().factors(p, "type-2", ["2"])["2"])
     plan = ((1, 4), (3, 4))
     nulls = {
         M: st.null_model(torch.stack([_block(p, "2", M, s) for s in range(20)]), B, M)
@@ -327,13 +329,16 @@ def test_zero_variance_verdict_is_exact():
 
 
 @pytest.mark.slow
-def test_no_false_alarms_over_200_seed_sets(request):
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("slow (about 20 minutes): run with -m slow")
+def test_no_false_alarms_over_many_seed_sets():
+    """No false alarm for the reference and an independent MC-KFAC over 50 seed sets
+    on every MC target (the full 200-set measurement: benchmarks/mc_calibration.py,
+    results in docs/monte-carlo.md)."""
     from benchmarks.mc_calibration import Target, false_alarms, targets
 
     torch.set_num_threads(1)
-    rows = false_alarms([Target(*t) for t in targets()], sets=200, pools=20)
+    rows = false_alarms(
+        [Target(*t) for t in targets()], sets=50, pools=5, log=lambda *a: None
+    )
     failed = [(r[0], r[1], r[3]) for r in rows if r[3]]
     assert not failed, failed
     assert len(rows) >= 2 * 9

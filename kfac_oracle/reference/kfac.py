@@ -168,9 +168,23 @@ class KFACSteps:
             return self.output_gradient(loss_name, f, y).unsqueeze(0) * R**0.5
         if fisher_type == FisherType.MC:
             assert labels is not None
-            grads = [self.output_gradient(loss_name, f, lab) for lab in labels]
-            return torch.stack(grads) * (R / mc_samples) ** 0.5
+            return (
+                self.sampled_gradients(loss_name, f, labels) * (R / mc_samples) ** 0.5
+            )
         raise ValueError(f"fisher_type {fisher_type!r} has no backpropagated vectors")
+
+    def sampled_gradients(
+        self, loss_name: str, output: Tensor, labels: Tensor
+    ) -> Tensor:
+        """``∇_f ℓ(f_n, ỹ_nm)`` for every sampled label set, ``(M, *output.shape)``."""
+        try:
+            return torch.vmap(lambda lab: self.output_gradient(loss_name, output, lab))(
+                labels
+            )
+        except RuntimeError:  # an operation without a batching rule
+            return torch.stack(
+                [self.output_gradient(loss_name, output, y) for y in labels]
+            )
 
     def layer_inputs(self, module: nn.Module, a: Tensor, bias_column: bool) -> Tensor:
         """See :func:`layer_inputs`."""

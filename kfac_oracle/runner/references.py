@@ -11,12 +11,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kfac_oracle import statistics
 from kfac_oracle.catalogue import Case
 from kfac_oracle.flavours import Flavour
 from kfac_oracle.problem import Problem
 from kfac_oracle.reference.approximations import Approximation
 from kfac_oracle.reference.exact import curvature_block
+from kfac_oracle.reference.mc_draws import reference_draws
 from kfac_oracle.runner.caller import build_problem
+from kfac_oracle.statistics import NullModel
 
 
 class ReferenceCache:
@@ -36,6 +39,7 @@ class ReferenceCache:
         self._exact: dict[tuple[str, str, str, str], Tensor] = {}
         self._blocks: dict[tuple[str, Flavour, str], dict[str, Tensor]] = {}
         self._ambiguous: dict[tuple[str, Flavour, str], set[str]] = {}
+        self._nulls: dict[tuple[str, str, str], dict[str, dict[int, NullModel]]] = {}
 
     def problem(self, case: Case, variant: str = "base") -> Problem:
         """The case's problem under ``variant`` (shared: do not modify it)."""
@@ -76,6 +80,36 @@ class ReferenceCache:
                 self.problem(case, variant), flavour, case.layers
             )
         return self._blocks[key]
+
+    def mc_nulls(
+        self, case: Case, kfac_approx: str, bias: str
+    ) -> dict[str, dict[int, NullModel]]:
+        """What a correct MC-KFAC looks like: ``{layer: {M: NullModel}}``.
+
+        From :data:`~kfac_oracle.statistics.REFERENCE_DRAWS` draws of the reference
+        MC-KFAC at every ``M`` of the plan (seeds disjoint from a candidate's), around
+        the reference type-2 KFAC block (:mod:`kfac_oracle.statistics`).
+        """
+        key = (case.id, str(kfac_approx), str(bias))
+        if key not in self._nulls:
+            problem = self.problem(case)
+            mean = self.kfac_blocks(case, Flavour("type-2", kfac_approx, bias))
+            nulls: dict[str, dict[int, NullModel]] = {
+                layer: {} for layer in case.layers
+            }
+            for M, _ in statistics.PLAN:
+                flavour = Flavour(
+                    "mc", kfac_approx, bias, M, statistics.REFERENCE_SEED_OFFSET
+                )
+                draws = reference_draws(
+                    problem, flavour, statistics.REFERENCE_DRAWS, case.layers
+                )
+                for layer in case.layers:
+                    nulls[layer][M] = statistics.null_model(
+                        draws[layer], mean[layer], M
+                    )
+            self._nulls[key] = nulls
+        return self._nulls[key]
 
     def ambiguous(
         self, case: Case, flavour: Flavour, variant: str = "base"
