@@ -154,6 +154,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from kfac_oracle.runner.run import Session, resolve_cases, run, select_items
 
     time_limit = parse_time_limit(args.time_limit)
+    if args.threads < 0:
+        raise UsageError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     json_path = _writable(args.json, "--json")
     report_path = _writable(args.report, "--report")
     if args.plots:
@@ -290,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "process", "none"),
         default="auto",
         help="run the candidate in a worker process (default where available)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the harness (default 1: the catalogue's problems are "
+        "small, and threads only wait for each other; 0 keeps torch's default)",
     )
     p.add_argument(
         "--allow-nothing-passed",

@@ -319,7 +319,7 @@ def allocate(mc_samples: Sequence[int], false_alarm: float = FALSE_ALARM):
     """
     ms = sorted(set(mc_samples))
     top = ms[-1]
-    names = [("scale", M) for M in ms]
+    names: list[tuple[str, int | None]] = [("scale", M) for M in ms]
     names += [("frobenius", top), ("spread_scale", top), ("spread_total", top)]
     if len(ms) > 1:
         names.append(("spread_pooled", None))

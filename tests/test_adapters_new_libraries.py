@@ -66,7 +66,8 @@ def test_dattri_block_is_ekfac_of_exact_ef_in_dattris_basis(case_id):
     ``P = q_s ⊗ q_a`` its block is ``Pᵀ diag(diag(P B Pᵀ)) P`` for the exact EF
     block ``B`` (what EK-FAC would be if the basis were right: finding D1)."""
     require("dattri")
-    from kfac_oracle.adapters.dattri import DattriEKFAC, _joint_to_torch_order
+    from kfac_oracle.adapters.dattri import DattriEKFAC
+    from kfac_oracle.conventions import joint_to_canonical_permutation
 
     case = _case(case_id)
     request, problem = _request(case)
@@ -74,7 +75,7 @@ def test_dattri_block_is_ekfac_of_exact_ef_in_dattris_basis(case_id):
     attributor, modules = DattriEKFAC()._fit(_request(case)[0], damping=0.0)
     for name, mod in modules.items():
         B = curvature_block(problem, name, "empirical")
-        perm = _joint_to_torch_order(mod.out_features, mod.in_features)
+        perm = joint_to_canonical_permutation(mod.out_features, mod.in_features)
         inverse = torch.argsort(perm)
         q_a, q_s = attributor.cached_q[name]
         P = torch.kron(q_s, q_a)

@@ -319,7 +319,7 @@ EXPECTATIONS = [
         "mlp_tanh_cro_mean",
         "mc_converges_*",
         "failed",
-        text="by M",
+        text="1/M applied twice",
         finding="ASDL 1",
     ),
 ]

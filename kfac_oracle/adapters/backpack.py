@@ -74,6 +74,9 @@ class _BackpackBase:
     :meth:`_extension`.
     """
 
+    # Failures the library documents (findings with ``checks``): "documented".
+    documented: dict[str, str] = {}
+
     name = "backpack"
     _savefield = ""
     capabilities: dict[str, Any] = {}

@@ -383,7 +383,7 @@ EXPECTATIONS = [
         "mlp_tanh_cro_mean",
         "mc_converges_*",
         "failed",
-        text="by M",
+        text="1/M applied twice",
         finding="L2",
     ),
     Expectation(
