@@ -167,7 +167,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     expected = expected_mod.load(args.xfail)
     cases = resolve_cases(args.cases, args.case_file)
     select_items(cases, args.checks, args.families)  # usage errors before any work
-    session = Session.start(args.impl, time_limit, args.isolation, args.case_file)
+    session = Session.start(
+        args.impl,
+        time_limit,
+        args.isolation,
+        args.case_file,
+        single_batch=args.single_batch,
+    )
     label = f"{session.name} "
     progress = _Progress(not args.quiet, label)
     partial = Path(f"{json_path}.partial") if json_path else None
@@ -203,6 +209,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"library: {session.resolved.library}")
     for note in session.caller.notes:
         print(f"note: {note}")
+    if session.caller.warnings:
+        distinct = len(session.caller.warnings)
+        print(f"warnings raised by the candidate ({distinct} distinct):")
+        for text, count in sorted(
+            session.caller.warnings.items(), key=lambda kv: -kv[1]
+        ):
+            first = text.splitlines()[0][:160]
+            print(f"  {count} call(s): {first}")
     print()
     print(report.summary_table(records))
     failures = report.failures_text(records, limit=args.show)
@@ -296,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "process", "none"),
         default="auto",
         help="run the candidate in a worker process (default where available)",
+    )
+    p.add_argument(
+        "--single-batch",
+        action="store_true",
+        help="merge each case's batches into one (an optimizer's mathematics apart "
+        "from its accumulation over batches)",
     )
     p.add_argument(
         "--threads",

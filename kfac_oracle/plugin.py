@@ -42,6 +42,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(flag, dest=f"kfac_{name}", default=None, help=help_)
         parser.addini(f"kfac_{name}", help_, default=None)
     group.addoption(
+        "--kfac-single-batch",
+        action="store_true",
+        default=False,
+        help="merge each case's batches into one",
+    )
+    group.addoption(
         "--kfac-allow-nothing-passed",
         action="store_true",
         default=False,
@@ -143,6 +149,7 @@ def _suite(session: pytest.Session) -> ConformanceSuite | None:
             families=_option(config, "families"),
             isolation=_option(config, "isolation") or "auto",
             case_files=case_files,
+            single_batch=config.getoption("kfac_single_batch"),
         )
         expected_mod.warn_unmatched(expected, [c.item.id for c in checks])
     except UsageError as error:

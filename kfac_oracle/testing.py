@@ -82,6 +82,7 @@ def check_items(
     families: str | Iterable[str] | None = None,
     isolation: str = "auto",
     case_files: Sequence[str] = (),
+    single_batch: bool = False,
 ) -> tuple[Any, list[ConformanceCheck]]:
     """``(resolved implementation, [ConformanceCheck])`` sharing one session.
 
@@ -92,7 +93,9 @@ def check_items(
 
     case_list = resolve_cases(cases, case_files)
     items = select_items(case_list, checks, families)
-    session = Session.start(impl, time_limit, isolation, case_files)
+    session = Session.start(
+        impl, time_limit, isolation, case_files, single_batch=single_batch
+    )
     return session.resolved, [ConformanceCheck(item, session) for item in items]
 
 
@@ -105,6 +108,7 @@ def parametrize_with_checks(
     families: str | Iterable[str] | None = None,
     isolation: str = "auto",
     allow_nothing_passed: bool = False,
+    single_batch: bool = False,
 ) -> Any:
     """A ``pytest.mark.parametrize("check", ...)`` over every applicable check.
 
@@ -118,6 +122,7 @@ def parametrize_with_checks(
         families: Restrict to these check families.
         isolation: ``"auto"``, ``"process"`` or ``"none"``.
         allow_nothing_passed: Do not fail the session when no check passes.
+        single_batch: Merge each case's batches into one.
 
     Raises:
         UsageError: At collection, for an invalid implementation, capabilities,
@@ -129,7 +134,9 @@ def parametrize_with_checks(
     from kfac_oracle.runner import expected as expected_mod
 
     expected = expected_mod.load(expected_failures)
-    _, items = check_items(impl, cases, checks, time_limit, families, isolation)
+    _, items = check_items(
+        impl, cases, checks, time_limit, families, isolation, single_batch=single_batch
+    )
     expected_mod.warn_unmatched(expected, [c.item.id for c in items])
     params = []
     for check in items:

@@ -285,3 +285,41 @@ def test_harness_errors_keep_their_traceback(monkeypatch):
     assert records[0].status == "error"
     assert "harness error: KeyError('harness bug')" in records[0].message
     assert "Traceback" in records[0].message
+
+
+def test_single_batch_separates_the_mathematics_from_the_accumulation():
+    """A candidate wrong only in how it weights batches: right in single-batch mode
+    (agreement passes), while the batching invariances still catch it."""
+    from tests.mutants import EqualBatchWeights
+
+    case = "mlp_tanh_mse_mean"  # batches (4, 2, 3)
+    normal = records_of(EqualBatchWeights(), cases=case, checks="agree_*,batch_split")
+    single = run(
+        EqualBatchWeights(), case, checks="agree_*,batch_split", single_batch=True
+    )
+    assert any(r.status == "failed" for r in normal if r.check.startswith("agree_"))
+    assert all(r.status == "passed" for r in single if r.check.startswith("agree_"))
+    assert by_check(single, "batch_split")[0].status == "failed"
+    assert "--single-batch" in single[0].reproduce
+
+
+def test_warnings_are_collected_once_per_distinct_warning():
+    import warnings
+
+    from kfac_oracle.runner.run import Session
+
+    class Warns(ReferenceKFAC):
+        name = "warns"
+
+        def compute(self, request):
+            warnings.warn("deprecated option", DeprecationWarning, stacklevel=1)
+            return super().compute(request)
+
+    session = Session.start(Warns(), isolation="process")
+    try:
+        run(None, ONE, session=session)
+        assert session.caller.warnings == {
+            "DeprecationWarning: deprecated option": session.caller.calls(ONE)
+        }
+    finally:
+        session.close()

@@ -26,7 +26,6 @@ import torch
 
 from kfac_oracle.adapters._common import Expectation, Finding, Library
 from kfac_oracle.contract import (
-    FULL_CAPABILITIES,
     DenseBlock,
     KFACRequest,
     KroneckerFactors,
@@ -73,7 +72,16 @@ class CurvlinopsKFAC:
     """curvlinops' ``KFACLinearOperator`` factors (``G ⊗ A``, rvec)."""
 
     name = "curvlinops-kfac"
-    capabilities = FULL_CAPABILITIES
+    # curvlinops' FisherType and KFACType enums, its supported layers and losses
+    # (kfac.py: _SUPPORTED_MODULES, _SUPPORTED_LOSSES), separate_weight_and_bias.
+    capabilities = {
+        "fisher_type": {"type-2", "mc", "empirical", "forward-only"},
+        "kfac_approx": {"expand", "reduce"},
+        "layers": {"Linear", "Conv2d"},
+        "losses": {"MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss"},
+        "reductions": {"mean", "sum"},
+        "bias": {"joint", "separate"},
+    }
 
     def compute(self, request: KFACRequest) -> dict[str, KroneckerFactors]:
         """Compute the factors and read them per module."""

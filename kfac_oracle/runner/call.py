@@ -13,6 +13,7 @@ harness's process or in the candidate's worker process
 from __future__ import annotations
 
 import traceback
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ class CallReport:
         leftovers: Side effects left behind (:func:`~kfac_oracle.runner.sideeffects.
             leftovers`), also when the call failed.
         seconds: Wall time of the call.
+        warnings: Warnings the candidate raised, ``"Category: message"`` each.
     """
 
     plain: dict[str, PlainResult] | None = None
@@ -49,6 +51,7 @@ class CallReport:
     unsupported: str | None = None
     leftovers: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
 
 def describe_exception(error: BaseException) -> str:
@@ -86,10 +89,13 @@ def guarded_call(
     report = CallReport()
     before = Snapshot.capture(request.model)
     start = time.monotonic()
+    caught = warnings.catch_warnings(record=True)
     try:
-        with time_limit(limit):
+        with time_limit(limit), caught as recorded:
+            warnings.simplefilter("always")
             result = impl.compute(request)
             report.plain = materialize(result, shapes, dtype, device)
+            report.warnings = [f"{w.category.__name__}: {w.message}" for w in recorded]
     except KeyboardInterrupt:
         raise
     except CheckTimeout as error:

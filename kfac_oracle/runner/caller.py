@@ -50,10 +50,22 @@ class RequestKey:
 
 
 def build_problem(
-    case: Case, variant: str = "base", dtype: torch.dtype = torch.float64
+    case: Case,
+    variant: str = "base",
+    dtype: torch.dtype = torch.float64,
+    single_batch: bool = False,
 ) -> Problem:
-    """A fresh problem of ``case``, transformed by ``variant``."""
-    return make_variant(case.build(dtype), variant)
+    """A fresh problem of ``case``, transformed by ``variant``.
+
+    With ``single_batch`` the case's batches are merged into one first (the
+    ``--single-batch`` mode; the re-splitting variants still split it again).
+    """
+    problem = case.build(dtype)
+    if single_batch and len(problem.data) > 1:
+        X = torch.cat([X for X, _ in problem.data])
+        y = torch.cat([y for _, y in problem.data])
+        problem = Problem(problem.model, problem.loss_func, [(X, y)])
+    return make_variant(problem, variant)
 
 
 class CandidateCaller:
@@ -66,6 +78,7 @@ class CandidateCaller:
         isolation: ``"process"`` (a worker process, hard kill at the limit),
             ``"none"`` (in-process) or ``"auto"`` (process where available).
         dtype: The problems' dtype.
+        single_batch: Merge each case's batches into one.
 
     Raises:
         UsageError: For an invalid time limit or isolation mode.
@@ -78,6 +91,7 @@ class CandidateCaller:
         time_limit: float | None = 60.0,
         isolation: str = "auto",
         dtype: torch.dtype = torch.float64,
+        single_batch: bool = False,
     ):
         if isolation not in ISOLATION_MODES:
             raise UsageError(
@@ -88,6 +102,7 @@ class CandidateCaller:
         self.capabilities = capabilities
         self.time_limit = check_time_limit(time_limit)
         self.dtype = dtype
+        self.single_batch = single_batch
         use_process = isolation == "process" or (
             isolation == "auto" and isolation_available()
         )
@@ -98,6 +113,8 @@ class CandidateCaller:
             list
         )
         self.notes: list[str] = []
+        #: Distinct warnings the candidate raised, with how many calls raised each.
+        self.warnings: dict[str, int] = {}
         if self._worker is None and self.time_limit is not None and not can_arm():
             self.notes.append(
                 "the time limit cannot be armed here (not the main thread, or no "
@@ -137,7 +154,7 @@ class CandidateCaller:
         return sum(ok for _, _, ok in self._calls[case_id])
 
     def _call(self, case: Case, key: RequestKey) -> CandidateResult | CandidateError:
-        problem = build_problem(case, key.variant, self.dtype)
+        problem = build_problem(case, key.variant, self.dtype, self.single_batch)
         layers = tuple(case.layers)
         shapes = layer_shapes(problem.model, layers)
         request = KFACRequest(
@@ -154,6 +171,8 @@ class CandidateCaller:
         )
         report = self._invoke(request, shapes, problem.dtype, problem.device)
         self._calls[case.id].append((key, report.leftovers, report.plain is not None))
+        for warning in report.warnings:
+            self.warnings[warning] = self.warnings.get(warning, 0) + 1
         if report.unsupported is not None:
             return CandidateUnsupported(report.unsupported)
         if report.error is not None or report.plain is None:

@@ -31,10 +31,14 @@ class ReferenceCache:
     """
 
     def __init__(
-        self, approximation: Approximation, dtype: torch.dtype = torch.float64
+        self,
+        approximation: Approximation,
+        dtype: torch.dtype = torch.float64,
+        single_batch: bool = False,
     ):
         self.approximation = approximation
         self.dtype = dtype
+        self.single_batch = single_batch
         self._problems: dict[tuple[str, str], Problem] = {}
         self._exact: dict[tuple[str, str, str, str], Tensor] = {}
         self._blocks: dict[tuple[str, Flavour, str], dict[str, Tensor]] = {}
@@ -45,7 +49,9 @@ class ReferenceCache:
         """The case's problem under ``variant`` (shared: do not modify it)."""
         key = (case.id, variant)
         if key not in self._problems:
-            self._problems[key] = build_problem(case, variant, self.dtype)
+            self._problems[key] = build_problem(
+                case, variant, self.dtype, self.single_batch
+            )
         return self._problems[key]
 
     def exact_block(

@@ -65,14 +65,27 @@ class Session:
         isolation: str = "auto",
         case_files: Sequence[str] = (),
         dtype: torch.dtype = torch.float64,
+        single_batch: bool = False,
     ) -> Session:
-        """Resolve ``impl`` and set up its caller and references."""
+        """Resolve ``impl`` and set up its caller and references.
+
+        With ``single_batch`` each case's batches are merged into one (an optimizer
+        keeping per-step state gets a verdict on its mathematics apart from its
+        accumulation; the batching invariances still test the accumulation).
+        """
         resolved = impl if isinstance(impl, Resolved) else resolve(impl)
         caller = CandidateCaller(
-            resolved.impl, resolved.capabilities, time_limit, isolation, dtype
+            resolved.impl,
+            resolved.capabilities,
+            time_limit,
+            isolation,
+            dtype,
+            single_batch,
         )
         references = ReferenceCache(
-            approximation(resolved.capabilities.approximation_name), dtype
+            approximation(resolved.capabilities.approximation_name),
+            dtype,
+            single_batch,
         )
         return cls(resolved, caller, references, list(case_files))
 
@@ -92,6 +105,8 @@ class Session:
         for path in self.case_files:
             parts += ["--case-file", path]
         parts += ["--checks", item.id]
+        if self.caller.single_batch:
+            parts.append("--single-batch")
         limit = self.caller.time_limit
         if limit != DEFAULT_TIME_LIMIT:
             parts += ["--time-limit", "none" if limit is None else f"{limit:g}"]
@@ -227,6 +242,7 @@ def run(
     isolation: str = "auto",
     case_files: Sequence[str] = (),
     stream: str | Path | None = None,
+    single_batch: bool = False,
 ) -> list[CheckRecord]:
     """Run the conformance suite; never raises because of the candidate.
 
@@ -245,6 +261,7 @@ def run(
         case_files: Case files besides the built-in catalogue.
         stream: Append each record as a JSON line to this file as soon as it is
             done (a run that is killed leaves what it checked).
+        single_batch: Merge each case's batches into one.
 
     Returns:
         One record per check item.
@@ -258,7 +275,9 @@ def run(
     expected = expected_failures_.load(expected_failures)
     expected_failures_.warn_unmatched(expected, [it.id for it in items])
     own = session is None
-    session = session or Session.start(impl, time_limit, isolation, case_files)
+    session = session or Session.start(
+        impl, time_limit, isolation, case_files, single_batch=single_batch
+    )
     records = []
     sink = open(stream, "a") if stream is not None else None  # noqa: SIM115
     try:
