@@ -219,7 +219,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
             print(f"  {count} call(s): {first}")
     print()
     print(report.summary_table(records))
-    failures = report.failures_text(records, limit=args.show)
+    groups = report.grouped_failures(records, cases)
+    grouped = report.grouped_text(records, groups=groups)
+    if grouped:
+        print()
+        print(grouped)
+    failures = report.failures_text(records, limit=args.show) if args.verbose else ""
     if failures:
         print()
         print(failures)
@@ -230,7 +235,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"\nwrote {json_path}")
     if report_path is not None:
         report_path.write_text(
-            report.markdown_report(records, f"Conformance of {session.name}")
+            report.markdown_report(
+                records,
+                f"Conformance of {session.name}",
+                verbose=args.verbose,
+                groups=groups,
+            )
         )
         print(f"wrote {report_path}")
     if args.plots:
@@ -329,7 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 0 even when no check passed (all unsupported)",
     )
-    p.add_argument("--show", type=int, default=20, help="failures to print")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also list every failed check (terminal and --report), not only the "
+        "failures grouped by cause",
+    )
+    p.add_argument(
+        "--show", type=int, default=20, help="failed checks listed with --verbose"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_check)
 
@@ -348,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", default=None, help="patterns on case id or family")
     p.add_argument("--json", default=None, help="write all check records as JSON")
     p.add_argument("--markdown", default=None, help="write the matrix as Markdown")
+    p.add_argument(
+        "--report",
+        default=None,
+        help="write each adapter's failures grouped by cause as Markdown",
+    )
     p.add_argument(
         "--time-limit", default="120", help="seconds per candidate call, or 'none'"
     )

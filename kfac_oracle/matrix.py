@@ -160,6 +160,33 @@ def matrix_markdown(
     return "\n".join(lines) + legend + note + "\n"
 
 
+def grouped_reports(records: list[dict], cases) -> dict[str, str]:
+    """``{adapter: its failures grouped by cause}`` (adapters with failures only)."""
+    from kfac_oracle.report import grouped_text
+
+    out = {}
+    for name in sorted({r["implementation"] for r in records}):
+        mine = [r for r in records if r["implementation"] == name]
+        text = grouped_text(mine, cases)
+        if text:
+            out[name] = text
+    return out
+
+
+def grouped_markdown_report(records: list[dict], cases=None) -> str:
+    """Markdown: per adapter, its failures grouped by cause (``matrix --report``)."""
+    from kfac_oracle.catalogue import load_cases
+    from kfac_oracle.report import grouped_markdown
+
+    cases = load_cases() if cases is None else cases
+    lines = [f"# {TITLE}: failures by cause", ""]
+    for name in sorted({r["implementation"] for r in records}):
+        mine = [r for r in records if r["implementation"] == name]
+        table = grouped_markdown(mine, cases)
+        lines += [f"## {name}", "", table or "No failures.", ""]
+    return "\n".join(lines)
+
+
 def main(args) -> int:
     """``kfac-oracle matrix``: run adapters, write JSON and Markdown."""
     from kfac_oracle.catalogue import load_cases
@@ -208,6 +235,11 @@ def main(args) -> int:
     named = args.adapters or getattr(args, "from_files", None)
     table = matrix_markdown(records, seen_versions if named else versions, note)
     print(table)
+    catalogue = load_cases(getattr(args, "cases", None))
+    for name, text in grouped_reports(records, catalogue).items():
+        print(f"\n{name}\n{text}")
+    if getattr(args, "report", None):
+        Path(args.report).write_text(grouped_markdown_report(records, catalogue))
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=1))
     if args.markdown:

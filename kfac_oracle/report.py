@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from kfac_oracle.checks.registry import family_names
 from kfac_oracle.errors import UsageError
+from kfac_oracle.grouping import FailureGroup, analyse
 from kfac_oracle.runner.records import STATUSES, CheckRecord
 
 
@@ -56,13 +59,117 @@ def failures_text(records: list[CheckRecord], limit: int = 20) -> str:
     return "\n".join(lines)
 
 
+# Groups shown in full before the rest are summed up in one line: with three lines a
+# group, a grouped report fits on one screen (about 50 lines).
+MAX_GROUPS = 12
+MAX_TEXT = 200
+
+
+def _clip(text: str, width: int = MAX_TEXT) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def grouped_failures(
+    records: Sequence[Any], cases: Iterable[Any] = ()
+) -> list[FailureGroup]:
+    """The failures grouped by cause and correlated with case properties.
+
+    See :func:`kfac_oracle.grouping.analyse`.
+    """
+    return analyse(records, cases)
+
+
+def grouped_text(
+    records: Sequence[Any],
+    cases: Iterable[Any] = (),
+    max_groups: int = MAX_GROUPS,
+    groups: list[FailureGroup] | None = None,
+) -> str:
+    """Failures by cause, as text (empty if nothing failed).
+
+    Per group: its count and cause, where it occurs (the case properties it
+    correlates with) and one reproduce command; at most ``max_groups`` groups.
+    """
+    groups = grouped_failures(records, cases) if groups is None else groups
+    if not groups:
+        return ""
+    failed = sum(g.count for g in groups if g.kind != "exception")
+    errors = sum(g.count for g in groups if g.kind == "exception")
+    lines = [
+        f"failures by cause: {failed} failed, {errors} errored, in {len(groups)} "
+        "group(s)"
+    ]
+    width = len(str(groups[0].count))
+    pad = " " * (width + 4)
+    for g in groups[:max_groups]:
+        lines.append(f"  {g.count:>{width}}× {_clip(g.label)}")
+        lines.append(f"{pad}where: {_clip(g.correlation)}")
+        example = g.example
+        reproduce = _value(example, "reproduce")
+        if reproduce:
+            lines.append(f"{pad}reproduce: {reproduce}")
+        else:
+            lines.append(f"{pad}check: {_record_id(example)}")
+    rest = groups[max_groups:]
+    if rest:
+        n = sum(g.count for g in rest)
+        lines.append(
+            f"  ... and {len(rest)} more group(s) of {n} check(s) (--verbose or --json)"
+        )
+    return "\n".join(lines)
+
+
+def grouped_markdown(
+    records: Sequence[Any],
+    cases: Iterable[Any] = (),
+    max_groups: int = MAX_GROUPS,
+    groups: list[FailureGroup] | None = None,
+) -> str:
+    """The grouped failures as a Markdown table (one row per group)."""
+    groups = grouped_failures(records, cases) if groups is None else groups
+    if not groups:
+        return ""
+    lines = [
+        "| count | cause | where | example |",
+        "|---|---|---|---|",
+    ]
+    for g in groups[:max_groups]:
+        example = _value(g.example, "reproduce") or _record_id(g.example)
+        cells = (str(g.count), _clip(g.label), _clip(g.correlation), f"`{example}`")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    rest = groups[max_groups:]
+    if rest:
+        n = sum(g.count for g in rest)
+        lines.append(f"| {n} | {len(rest)} more groups (see the JSON records) | | |")
+    return "\n".join(lines)
+
+
+def _value(record: Any, name: str) -> Any:
+    return record.get(name) if isinstance(record, dict) else getattr(record, name)
+
+
+def _record_id(record: Any) -> str:
+    return str(record.get("id", "")) if isinstance(record, dict) else record.id
+
+
 def write_json(records: list[CheckRecord], path: str | Path) -> None:
     """A JSON list of records (``--json``)."""
     Path(path).write_text(json.dumps([r.as_dict() for r in records], indent=1))
 
 
-def markdown_report(records: list[CheckRecord], title: str) -> str:
-    """A Markdown report: summary by family and status, then the failures."""
+def markdown_report(
+    records: list[CheckRecord],
+    title: str,
+    cases: Iterable[Any] = (),
+    verbose: bool = False,
+    groups: list[FailureGroup] | None = None,
+) -> str:
+    """A Markdown report of one implementation's records.
+
+    The summary by family and status, the failures grouped by cause and correlated
+    with the cases' properties, and (``verbose``) one row per failed check.
+    """
     counts = summary_counts(records)
     lines = [f"# {title}", "", "| family | " + " | ".join(STATUSES) + " |"]
     lines.append("|---" * (len(STATUSES) + 1) + "|")
@@ -70,8 +177,11 @@ def markdown_report(records: list[CheckRecord], title: str) -> str:
         lines.append(
             f"| {family} | " + " | ".join(str(c.get(s, 0)) for s in STATUSES) + " |"
         )
+    grouped = grouped_markdown(records, cases, groups=groups)
+    if grouped:
+        lines += ["", "## Failures by cause", "", grouped]
     bad = [r for r in records if r.status in ("failed", "error")]
-    if bad:
+    if bad and verbose:
         lines += [
             "",
             "## Failures",

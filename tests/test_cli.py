@@ -118,12 +118,25 @@ def test_the_printed_reproduce_line_reproduces_the_failure(cli):
     way."""
     bad = cli("check", "my_kfac:BrokenKFAC", "--cases", CASE, "--checks", "agree_*")
     line = re.search(r"reproduce: (kfac-oracle check .*)", bad.stdout).group(1)
-    failing_id = re.search(r"FAILED (\S+)", bad.stdout).group(1)
     args = shlex.split(line)[1:]
+    failing_id = args[args.index("--checks") + 1]
+    assert "failures by cause" in bad.stdout and "FAILED " not in bad.stdout
     again = cli(*args, "--json", "again.json")
     assert again.returncode == 1, again.stdout + again.stderr
     (record,) = json.loads((cli.path / "again.json").read_text())
     assert record["id"] == failing_id and record["status"] == "failed"
+
+
+def test_verbose_lists_every_failed_check_besides_the_groups(cli):
+    """Without ``--verbose`` only the groups are printed (see the reproduce test);
+    with it, every failed check too, and the report gets the per-check table."""
+    args = ("check", "my_kfac:BrokenKFAC", "--cases", CASE, "--checks", "agree_*")
+    verbose = cli(*args, "--verbose", "--report", "verbose.md")
+    assert verbose.returncode == 1
+    count = re.search(r"failures by cause: (\d+) failed", verbose.stdout).group(1)
+    assert verbose.stdout.count("FAILED ") == int(count) > 1
+    report = (cli.path / "verbose.md").read_text()
+    assert "## Failures by cause" in report and "## Failures\n" in report
 
 
 @pytest.mark.parametrize(
