@@ -301,8 +301,14 @@ def analyse(
 
     by_id = {c.id: c for c in cases}
     seen = {str(_get(r, "case")) for r in records}
-    properties = {cid: case_properties(c) for cid, c in by_id.items() if cid in seen}
-    fields = {cid: twin_fields(c) for cid, c in by_id.items() if cid in seen}
+    properties: dict[str, dict[str, str]] = {}
+    for cid, case in by_id.items():
+        if cid in seen:
+            try:
+                properties[cid] = case_properties(case)
+            except Exception:  # noqa: BLE001 - a report never fails on one case
+                continue
+    fields = {cid: twin_fields(by_id[cid]) for cid in properties}
     groups = group_failures(records)
     for group in groups:
         universe = ran_cases(records, group.checks) | group.cases
