@@ -198,12 +198,12 @@ def correlate(
     exact = [label for label, cases in features.items() if cases == fail]
     if exact:
         also = f" (equivalently: {'; '.join(exact[1:3])})" if exact[1:] else ""
-        return f"exactly the cases with {exact[0]} ({k} of {m}){also}"
+        return f"exactly the cases with {exact[0]} ({k} of {m} checked cases){also}"
     if k == 1:
-        return f"only case {next(iter(fail))} (of {m})"
+        return f"only case {next(iter(fail))} (of {m} checked cases)"
     for (a, ca), (b, cb) in itertools.combinations(features.items(), 2):
         if ca & cb == fail and ca != known and cb != known:
-            return f"exactly the cases with {a} and {b} ({k} of {m})"
+            return f"exactly the cases with {a} and {b} ({k} of {m} checked cases)"
     containing = [
         (len(cases), label)
         for label, cases in features.items()
@@ -211,7 +211,7 @@ def correlate(
     ]
     if containing:
         size, label = min(containing)
-        return f"only cases with {label}: {k} of its {size} (of {m} cases)"
+        return f"only cases with {label}: {k} of its {size} (of {m} checked cases)"
     return f"{k} of {m} cases; no case property separates them"
 
 

@@ -72,7 +72,7 @@ def test_failing_exactly_on_unequal_batch_sizes_is_named():
     (group,) = analyse(records, cases)
     assert group.cases == {"deep_linear_d1_bias_mse_mean", "mlp_tanh_cro_mean"}
     assert group.correlation.startswith(
-        "exactly the cases with unequal batch sizes (2 of 4)"
+        "exactly the cases with unequal batch sizes (2 of 4 checked cases)"
     )
     assert "exactly the cases with unequal batch sizes" in grouped_text(records, cases)
 
@@ -87,7 +87,9 @@ def test_failing_on_sum_cases_names_the_reduction_and_the_passing_mean_twins():
     records, cases = _run(WrongOnSum(), ids)
     (group,) = analyse(records, cases)
     assert group.cases == {"deep_linear_d1_bias_mse_sum", "mlp_tanh_cro_sum"}
-    assert group.correlation.startswith("exactly the cases with reduction sum (2 of 4)")
+    assert group.correlation.startswith(
+        "exactly the cases with reduction sum (2 of 4 checked cases)"
+    )
     assert "twins differing only in reduction pass (mean; for 2 of the 2" in (
         group.correlation
     )
@@ -155,10 +157,13 @@ PROPS = {
 @pytest.mark.parametrize(
     "failing, expected",
     [
-        ({"a", "b"}, "exactly the cases with unequal batch sizes (2 of 4)"),
-        ({"a", "c"}, "exactly the cases with reduction sum (2 of 4)"),
+        (
+            {"a", "b"},
+            "exactly the cases with unequal batch sizes (2 of 4 checked cases)",
+        ),
+        ({"a", "c"}, "exactly the cases with reduction sum (2 of 4 checked cases)"),
         ({"a", "b", "c", "d"}, "every case where these checks ran (4)"),
-        ({"c"}, "only case c (of 4)"),
+        ({"c"}, "only case c (of 4 checked cases)"),
     ],
 )
 def test_correlation_is_computed_from_the_properties(failing, expected):
@@ -168,14 +173,15 @@ def test_correlation_is_computed_from_the_properties(failing, expected):
 def test_two_properties_together_are_named_when_no_single_one_separates():
     props = {**PROPS, "e": PROPS["a"]}
     assert correlate({"a", "e"}, set(props), props) == (
-        "exactly the cases with unequal batch sizes and reduction sum (2 of 5)"
+        "exactly the cases with unequal batch sizes and reduction sum"
+        " (2 of 5 checked cases)"
     )
 
 
 def test_the_smallest_property_holding_every_failing_case_is_named():
     props = {**PROPS, "e": PROPS["a"], "f": PROPS["b"]}
     assert correlate({"a", "b", "f"}, set(props), props) == (
-        "only cases with unequal batch sizes: 3 of its 4 (of 6 cases)"
+        "only cases with unequal batch sizes: 3 of its 4 (of 6 checked cases)"
     )
 
 
