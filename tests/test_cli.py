@@ -11,6 +11,8 @@ import textwrap
 
 import pytest
 
+from kfac_oracle.cli import main
+
 MY_KFAC = textwrap.dedent(
     """
     import sys
@@ -62,6 +64,31 @@ MY_KFAC = textwrap.dedent(
     """
 )
 CASE = "mlp_tanh_cro_mean"
+
+
+@pytest.fixture
+def usage(tmp_path, monkeypatch, capsys):
+    """The command line run in this process, for usage errors (no subprocess start).
+
+    Returns ``(exit status, stdout, stderr)``; an argparse error's ``SystemExit`` is
+    its exit status.
+    """
+    (tmp_path / "my_kfac.py").write_text(MY_KFAC)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_kfac", raising=False)
+
+    def call(*args):
+        try:
+            status = main(list(args))
+        except SystemExit as exit_:
+            status = exit_.code if isinstance(exit_.code, int) else 2
+        out = capsys.readouterr()
+        return status, out.out, out.err
+
+    call.path = tmp_path
+    yield call
+    sys.modules.pop("my_kfac", None)
 
 
 @pytest.fixture
@@ -155,11 +182,11 @@ def test_verbose_lists_every_failed_check_besides_the_groups(cli):
         (["--xfail", "missing.json"], "cannot read expected failures"),
     ],
 )
-def test_usage_errors_exit_2_before_any_work(cli, args, message):
-    result = cli("check", "my_kfac:MyKFAC", "--cases", CASE, *args)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert message in result.stderr
-    assert "checks on" not in result.stdout  # nothing ran
+def test_usage_errors_exit_2_before_any_work(usage, args, message):
+    status, out, err = usage("check", "my_kfac:MyKFAC", "--cases", CASE, *args)
+    assert status == 2, out + err
+    assert message in err
+    assert "checks on" not in out  # nothing ran
 
 
 @pytest.mark.parametrize(
@@ -235,14 +262,14 @@ BAD_CASES = {
 
 
 @pytest.mark.parametrize("what", sorted(BAD_CASES))
-def test_bad_case_files_are_usage_errors_naming_the_file(cli, what):
-    path = cli.path / f"bad_{what}.py"
+def test_bad_case_files_are_usage_errors_naming_the_file(usage, what):
+    path = usage.path / f"bad_{what}.py"
     path.write_text(BAD_CASES[what])
     for command in ("cases", "check"):
         args = [command] + (["my_kfac:MyKFAC"] if command == "check" else [])
-        result = cli(*args, "--case-file", str(path))
-        assert result.returncode == 2, (what, result.stdout, result.stderr)
-        assert f"bad_{what}.py" in result.stderr
+        status, out, err = usage(*args, "--case-file", str(path))
+        assert status == 2, (what, out, err)
+        assert f"bad_{what}.py" in err
 
 
 def test_a_case_folder_runs_only_case_files(cli, tmp_path):
