@@ -106,8 +106,6 @@ class Capabilities:
                 "losses": LOSSES,
                 "reductions": REDUCTIONS,
                 "bias": ("joint", "separate"),
-                "operations": OPERATIONS,
-                "damping": DAMPING,
             }
         )
 

@@ -56,6 +56,9 @@ FULL_CAPABILITIES: dict[str, set[str]] = {
     "losses": set(LOSSES),
     "reductions": set(REDUCTIONS),
     "bias": {BiasMode.JOINT.value, BiasMode.SEPARATE.value},
+}
+# Every operation and damping convention (the built-in reference offers them too).
+OPERATION_CAPABILITIES: dict[str, set[str]] = {
     "operations": set(OPERATIONS),
     "damping": set(DAMPING),
 }

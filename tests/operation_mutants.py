@@ -10,7 +10,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from kfac_oracle.contract import FULL_CAPABILITIES, DenseBlock, KFACRequest
+from kfac_oracle.contract import (
+    FULL_CAPABILITIES,
+    OPERATION_CAPABILITIES,
+    DenseBlock,
+    KFACRequest,
+)
 from kfac_oracle.damping import factor_shifts
 from kfac_oracle.flavours import BiasMode, Flavour
 from kfac_oracle.problem import Problem
@@ -25,7 +30,7 @@ from kfac_oracle.reference.operations import EigenbasisOperations, KroneckerOper
 
 
 def _caps(*conventions: str) -> dict:
-    return {**FULL_CAPABILITIES, "damping": set(conventions)}
+    return {**FULL_CAPABILITIES, **OPERATION_CAPABILITIES, "damping": set(conventions)}
 
 
 def operations_mutant(operations_cls, name, conventions, diagnosis):
@@ -87,6 +92,7 @@ class ReferenceEKFAC(ReferenceKFAC):
     name = "reference-ekfac"
     capabilities = {
         **FULL_CAPABILITIES,
+        **OPERATION_CAPABILITIES,
         "approximation": {"ekfac"},
         "fisher_type": {"type-2", "mc", "empirical"},
         "bias": {"joint"},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kfac_oracle.contract import (
     FULL_CAPABILITIES,
+    OPERATION_CAPABILITIES,
     KFACRequest,
     KroneckerFactors,
     LayerOperations,
@@ -19,6 +20,10 @@ class ReferenceKFAC:
 
     Args:
         bias: ``"joint"`` or ``"separate"``, used when the request states none.
+        operations: Also declare every operation and damping convention
+            (:data:`~kfac_oracle.contract.OPERATION_CAPABILITIES`; the built-in
+            ``reference`` does). Off by default, so that a subclass that post-processes
+            the factors of :meth:`compute` is never asked for operations.
     """
 
     name = "reference"
@@ -26,8 +31,10 @@ class ReferenceKFAC:
     steps_class = KFACSteps
     operations_class = KroneckerOperations
 
-    def __init__(self, bias: str = "joint"):
+    def __init__(self, bias: str = "joint", operations: bool = False):
         self.bias = bias
+        if operations:
+            self.capabilities = {**self.capabilities, **OPERATION_CAPABILITIES}
 
     def compute(
         self, request: KFACRequest
