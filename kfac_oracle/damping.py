@@ -8,7 +8,8 @@ joint bias: ``A`` acts on ``[a; 1]``) and a damping ``λ ≥ 0``:
 ``per_factor``         ``(G + √λ I) ⊗ (A + √λ I)``
 ``pi``                 ``(G + (√λ/π) I) ⊗ (A + π√λ I)``,
                        ``π = sqrt((tr A / dim A) / (tr G / dim G))``
-                       (Martens & Grosse 2015, §6.3; ``π = 1`` if a trace is zero)
+                       (Martens & Grosse 2015, §6.3; undefined if a trace is
+                       zero: the checks skip such cases, :func:`pi_factor` uses 1)
 ``mean_eigenvalue``    ``K + λ · (tr K / P) · I`` (λ relative to the mean eigenvalue)
 =====================  =============================================================
 
@@ -61,7 +62,11 @@ _FORMULAS = {
 
 
 def pi_factor(A: Tensor, G: Tensor) -> float:
-    """``π = sqrt((tr A / dim A) / (tr G / dim G))``; ``1`` if either trace is zero."""
+    """``π = sqrt((tr A / dim A) / (tr G / dim G))``.
+
+    Undefined where a trace is zero; ``1`` is returned there (the ``operations``
+    checks do not compare ``pi`` damping on such layers).
+    """
     mean_a = A.diagonal().sum().item() / A.shape[0]
     mean_g = G.diagonal().sum().item() / G.shape[0]
     if mean_a <= 0 or mean_g <= 0:

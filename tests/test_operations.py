@@ -211,3 +211,31 @@ def test_malformed_operations_are_errors_naming_the_problem():
     records = _records(_WrongShape(), [NONSINGULAR], checks="op_inverse")
     assert records[0].status == "error"
     assert "inverse_product has shape" in records[0].message
+
+
+def test_conventions_undefined_on_a_case_are_not_compared():
+    """π is undefined where a factor has zero trace, mean_eigenvalue on a zero block."""
+    impl = ReferenceKFAC(operations=True)
+    impl.capabilities = {**impl.capabilities, "damping": {"pi", "mean_eigenvalue"}}
+    records = _records(impl, ["mc_zero_variance_ce2_mean"], checks="op_inverse")
+    assert records and {r.status for r in records} == {"unsupported"}
+    assert "π is undefined" in records[0].message
+    assert "zero block" in records[0].message
+    impl.capabilities = {**impl.capabilities, "damping": {"pi", "product"}}
+    records = _records(impl, ["mc_zero_variance_ce2_mean"], checks="op_inverse")
+    assert {r.status for r in records} == {"passed"}
+    assert all("pi damping" not in r.message for r in records)
+
+
+def test_operations_of_a_wrong_block_are_diagnosed_as_the_block():
+    from tests.mutants import _ReductionIgnored
+
+    class WrongBlock(ReferenceKFAC):
+        name = "wrong-block"
+        steps_class = _ReductionIgnored
+
+    impl = WrongBlock(operations=True)
+    impl.capabilities = {**impl.capabilities, "damping": {"product"}}
+    records = _records(impl, [NONSINGULAR], checks="op_inverse")
+    assert records[0].status == "failed"
+    assert "the candidate's own block" in records[0].diagnosis

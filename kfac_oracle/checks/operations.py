@@ -35,7 +35,7 @@ from kfac_oracle.damping import (
     factor_shifts,
     shifted_factors,
 )
-from kfac_oracle.errors import Unsupported
+from kfac_oracle.errors import CandidateError, Unsupported
 from kfac_oracle.flavours import BiasMode, Flavour, deterministic_fisher_types
 from kfac_oracle.reference.operations import DenseOperations, probe_vectors
 from kfac_oracle.runner.caller import OperationsKey
@@ -145,6 +145,32 @@ class Setup:
         return damped_block(convention, damping, self.block, self.factors)
 
 
+def undefined_conventions(
+    ctx: CheckContext, flavour: Flavour
+) -> dict[DampingConvention, str]:
+    """Conventions undefined on some layer of the case, with the reason.
+
+    ``mean_eigenvalue`` where a block is zero (``K + λ·0·I`` is singular); ``pi``
+    where a factor has zero trace (``π`` is ``0`` or infinite).
+    """
+    out = {}
+    if any(b.diagonal().sum().item() <= 0 for b in ctx.reference(flavour).values()):
+        out[DampingConvention.MEAN_EIGENVALUE] = (
+            "a layer has a zero block, whose mean_eigenvalue-damped matrix is singular"
+        )
+    if ctx.approximation.kronecker_product:
+        factors = ctx.references.factors(ctx.case, flavour).values()
+        if any(
+            M.diagonal().sum().item() <= 0
+            for f in factors
+            for M in (f.input_covariance, f.gradient_covariance)
+        ):
+            out[DampingConvention.PI] = (
+                "a layer has a Kronecker factor with zero trace, where π is undefined"
+            )
+    return out
+
+
 def setup(ctx: CheckContext, flavour: Flavour | None = None) -> Setup:
     """The request of the check's layer; unsupported where nothing applies."""
     bias = ctx.capabilities.allowed("bias")
@@ -163,17 +189,13 @@ def setup(ctx: CheckContext, flavour: Flavour | None = None) -> Setup:
         if c in declared
         and (ctx.approximation.kronecker_product or not c.needs_factors)
     ]
-    blocks = ctx.reference(flavour)
-    if any(block.diagonal().sum().item() <= 0 for block in blocks.values()):
-        # K + λ·(tr K / P)·I = K is singular where tr K = 0: nothing to invert
-        conventions = [
-            c for c in conventions if c is not DampingConvention.MEAN_EIGENVALUE
-        ]
-        if DampingConvention.MEAN_EIGENVALUE in declared and not conventions:
-            raise Unsupported(
-                "a layer of this case has a zero block, whose mean_eigenvalue-damped "
-                "matrix K + λ·0·I is singular"
-            )
+    undefined = undefined_conventions(ctx, flavour)
+    if conventions and set(conventions) <= set(undefined):
+        raise Unsupported(
+            "; ".join(undefined[c] for c in conventions)
+            + " (the request covers every layer of the case)"
+        )
+    conventions = [c for c in conventions if c not in undefined]
     if not conventions:
         raise Unsupported(
             f"no declared damping convention applies to {ctx.approximation.name} "
@@ -360,7 +382,31 @@ def hypotheses(
                 lambda lam: damped_block(declared, lam, transposed),
             )
         )
+    own = own_block(setup)
+    if own is not None and not declared.needs_factors:
+        out.append(
+            (
+                f"the candidate's own block damped by the declared {declared}: the "
+                "operations are right, the block differs from the reference (see "
+                "the agreement checks)",
+                lambda lam: damped_block(declared, lam, own),
+            )
+        )
     return out
+
+
+def own_block(setup: Setup) -> Tensor | None:
+    """The candidate's own joint-bias block of the layer, if it returns one."""
+    ctx, flavour = setup.ctx, setup.flavour
+    try:
+        result = ctx.candidate(
+            ctx.key(flavour.fisher_type, flavour.kfac_approx, bias="joint")
+        )
+    except (CandidateError, Unsupported):
+        return None
+    if result.bias[setup.layer] == BiasMode.SEPARATE:
+        return None
+    return result.blocks[setup.layer]
 
 
 def diagnose_damping(
