@@ -84,8 +84,10 @@ class Setup:
     """One layer's operations request and its reference.
 
     Attributes:
+        ctx: The check's context.
         flavour: The flavour asked for (joint bias).
-        conventions: The declared conventions that apply to the approximation.
+        conventions: The declared conventions that apply to the approximation and
+            are defined on the case.
     """
 
     ctx: CheckContext
@@ -430,7 +432,7 @@ def diagnose_damping(
 
 
 @check(targets=_per_layer("op_inverse"), needs={"operations": {"inverse"}})
-def inverse(ctx: CheckContext) -> Outcome:
+def op_inverse(ctx: CheckContext) -> Outcome:
     """The damped inverse-vector product ``K_λ⁻¹ V`` equals the exact one.
 
     ``K_λ`` is the reference block damped by the declared convention (docs/theory.md
@@ -440,7 +442,7 @@ def inverse(ctx: CheckContext) -> Outcome:
 
 
 @check(targets=_per_layer("op_logdet"), needs={"operations": {"logdet"}})
-def logdet(ctx: CheckContext) -> Outcome:
+def op_logdet(ctx: CheckContext) -> Outcome:
     """``log det K_λ`` equals the exact one, for every ``λ`` of the sweep.
 
     Error ``|Δ log det| / P`` (a relative perturbation ``δ`` of ``K_λ`` moves it by at
@@ -450,13 +452,13 @@ def logdet(ctx: CheckContext) -> Outcome:
 
 
 @check(targets=_per_layer("op_scores"), needs={"operations": {"scores"}})
-def scores(ctx: CheckContext) -> Outcome:
+def op_scores(ctx: CheckContext) -> Outcome:
     """Pairwise scores ``Vᵀ K_λ⁻¹ V`` (influences ``uᵀ K_λ⁻¹ v``) are exact."""
     return compare_operation(setup(ctx), "scores")
 
 
 @check(targets=_per_layer("op_trace"), needs={"operations": {"trace"}})
-def trace(ctx: CheckContext) -> Outcome:
+def op_trace(ctx: CheckContext) -> Outcome:
     """``tr K`` (undamped) equals the reference's, to ``10 · P · eps`` relative."""
     bias = ctx.capabilities.allowed("bias")
     if bias is not None and BiasMode.JOINT not in bias:
@@ -493,7 +495,7 @@ def _symmetric_values(s: Setup, convention: DampingConvention) -> Tensor:
 
 
 @check(targets=_per_layer("op_spd"))
-def spd(ctx: CheckContext) -> Outcome:
+def op_spd(ctx: CheckContext) -> Outcome:
     """The damped inverse is symmetric positive definite.
 
     ``uᵀ K_λ⁻¹ v = vᵀ K_λ⁻¹ u`` to ``10 · P · κ · eps`` relative (κ of the reference
@@ -535,7 +537,7 @@ def spd(ctx: CheckContext) -> Outcome:
 
 
 @check(targets=_exact_claims)
-def exact(
+def op_exact(
     ctx: CheckContext, *, fisher_type: str, kfac_approx: str, kind: str, claim: str
 ) -> Outcome:
     """Where KFAC is exact, its damped operations equal those of the exact block.
