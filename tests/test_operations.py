@@ -239,3 +239,35 @@ def test_operations_of_a_wrong_block_are_diagnosed_as_the_block():
     records = _records(impl, [NONSINGULAR], checks="op_inverse")
     assert records[0].status == "failed"
     assert "the candidate's own block" in records[0].diagnosis
+
+
+class _PlainNumbers(ReferenceKFAC):
+    """``logdet`` and ``trace`` as Python floats, the inverse as numpy arrays."""
+
+    name = "plain-numbers"
+
+    def __init__(self):
+        super().__init__(operations=True)
+
+    def compute(self, request):
+        out = super().compute(request)
+        if request.operations is None:
+            return out
+        return {
+            n: LayerOperations(
+                inverse_product=lambda V, lam, o=o: o.inverse_product(V, lam).numpy(),
+                logdet=lambda lam, o=o: float(o.logdet(lam)),
+                trace=float(o.trace()),
+                scores=o.scores,
+            )
+            for n, o in out.items()
+        }
+
+
+def test_numbers_and_numpy_arrays_are_accepted_and_tolerances_are_stated():
+    records = _records(_PlainNumbers(), [NONSINGULAR])
+    assert {r.status for r in records} == {"passed"}, [r.message for r in records]
+    for r in records:
+        if r.check in ("op_inverse", "op_logdet", "op_scores"):
+            assert "10·P·κ·eps" in r.message and "κ = " in r.message
+            assert r.tolerance is not None and r.error <= r.tolerance
