@@ -13,7 +13,14 @@ means
 ``bias``           ``joint``, ``separate`` (which treatments it can be asked for)
 ``output_ndim``    integers >= 2: the model output's number of dimensions
 ``approximation``  one of the registered approximations (``kfac``, ``ekfac``)
+``operations``     ``inverse``, ``logdet``, ``trace``, ``scores``
+``damping``        ``product``, ``per_factor``, ``pi``, ``mean_eigenvalue``
 =================  ==========================================================
+
+``operations`` and ``damping`` are the exception to "missing means no restriction": a
+candidate offers operations (:class:`~kfac_oracle.contract.LayerOperations`) only if it
+declares them, and the damping conventions it honours with them
+(:mod:`kfac_oracle.damping`); ``inverse``, ``logdet`` and ``scores`` need ``damping``.
 
 An unknown key (``"fisher_types"``), an unknown value (``"type2"``), a plain string
 where a set is expected (``"MSELoss"``), or an empty set is a
@@ -30,12 +37,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from kfac_oracle.damping import DampingConvention
 from kfac_oracle.errors import CapabilityError
 from kfac_oracle.flavours import BiasMode, FisherType, KFACApprox
 
 LOSSES = ("MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss")
 LAYERS = ("Linear", "Conv2d")
 REDUCTIONS = ("mean", "sum")
+OPERATIONS = ("inverse", "logdet", "trace", "scores")
+DAMPING = DampingConvention.values()
+# Operations that invert the damped block, so need a damping convention.
+DAMPED_OPERATIONS = ("inverse", "logdet", "scores")
 
 
 def _approximations() -> tuple[str, ...]:
@@ -55,6 +67,8 @@ def _vocabulary(key: str) -> tuple[Any, ...] | None:
         "bias": (BiasMode.JOINT.value, BiasMode.SEPARATE.value),
         "output_ndim": None,
         "approximation": _approximations(),
+        "operations": OPERATIONS,
+        "damping": DAMPING,
     }[key]
 
 
@@ -73,6 +87,8 @@ class Capabilities:
     bias: frozenset[str] | None = None
     output_ndim: frozenset[int] | None = None
     approximation: frozenset[str] | None = None
+    operations: frozenset[str] | None = None
+    damping: frozenset[str] | None = None
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -130,6 +146,13 @@ class Capabilities:
             raise CapabilityError(
                 f"{owner}['approximation'] must name one approximation, got "
                 f"{sorted(values['approximation'])}"
+            )
+        damped = sorted(set(values.get("operations", ())) & set(DAMPED_OPERATIONS))
+        if damped and "damping" not in values:
+            raise CapabilityError(
+                f"{owner} declares the operations {damped}, which invert a damped "
+                f"block, but no 'damping' convention; declare 'damping' with some of: "
+                f"{', '.join(DAMPING)}"
             )
         return cls(**values)
 
@@ -217,4 +240,12 @@ def _validate_values(owner: str, key: str, value: object) -> frozenset[Any]:
     return frozenset(str(i) if vocabulary is not None else i for i in items)
 
 
-__all__ = ["LAYERS", "LOSSES", "REDUCTIONS", "Capabilities"]
+__all__ = [
+    "DAMPED_OPERATIONS",
+    "DAMPING",
+    "LAYERS",
+    "LOSSES",
+    "OPERATIONS",
+    "REDUCTIONS",
+    "Capabilities",
+]

@@ -12,6 +12,12 @@ three forms:
 - :class:`DenseBlock`: the module's block as a dense matrix over ``[weight, bias]``.
 - :class:`MatVecBlock`: a matrix-vector product over ``[weight, bias]``.
 
+When the request asks for operations (``request.operations`` is an
+:class:`OperationsRequest`), the result per layer is instead a
+:class:`LayerOperations`: what users of the library consume (damped inverse-vector
+products, log-determinants, the trace, pairwise scores) under the requested damping
+convention (:mod:`kfac_oracle.damping`, docs/theory.md §10).
+
 Conventions (docs/theory.md §3):
 
 - Linear ``z = W a + b`` with ``W ∈ R^{out×in}``: rvec(g aᵀ) = g ⊗ a, so the block is
@@ -38,7 +44,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from kfac_oracle.capabilities import LAYERS, LOSSES, REDUCTIONS
+from kfac_oracle.capabilities import DAMPING, LAYERS, LOSSES, OPERATIONS, REDUCTIONS
 from kfac_oracle.flavours import BiasMode, FisherType, KFACApprox
 from kfac_oracle.problem import loss_terms_per_datum, reduction_factor
 
@@ -51,6 +57,34 @@ FULL_CAPABILITIES: dict[str, set[str]] = {
     "reductions": set(REDUCTIONS),
     "bias": {BiasMode.JOINT.value, BiasMode.SEPARATE.value},
 }
+# Every operation and damping convention (the built-in reference offers them too).
+OPERATION_CAPABILITIES: dict[str, set[str]] = {
+    "operations": set(OPERATIONS),
+    "damping": set(DAMPING),
+}
+
+
+@dataclass
+class OperationsRequest:
+    """The operations a request asks for, with their damping and probe vectors.
+
+    Operations act on the layer's block over ``[rvec(W), b]`` with the joint bias
+    (``A`` on ``[a; 1]``), or on the weight alone for a layer without bias; vectors
+    are in that canonical layout.
+
+    Attributes:
+        convention: The damping convention (``product``, ``per_factor``, ``pi``,
+            ``mean_eigenvalue``; docs/theory.md §10).
+        damping: ``{layer: (λ, ...)}``: the dampings each operation is evaluated at.
+        vectors: ``{layer: V}``, ``V`` of shape ``(P, k)``: the probe vectors
+            (columns) for inverse-vector products and scores.
+        operations: Which of ``inverse``, ``logdet``, ``trace``, ``scores`` are read.
+    """
+
+    convention: str
+    damping: Mapping[str, tuple[float, ...]]
+    vectors: Mapping[str, Tensor]
+    operations: tuple[str, ...] = OPERATIONS
 
 
 @dataclass
@@ -74,6 +108,8 @@ class KFACRequest:
             that offer both (``capabilities["bias"]``); ``None`` leaves the choice to
             the candidate. Results always declare what they did.
         info: Free-form extras (e.g. the case id), for logging only.
+        operations: ``None`` for curvature (factors or blocks); else the operations
+            wanted, and each layer's result is a :class:`LayerOperations`.
     """
 
     model: nn.Module
@@ -86,6 +122,7 @@ class KFACRequest:
     layers: tuple[str, ...] = ()
     bias: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    operations: OperationsRequest | None = None
 
     @property
     def num_data(self) -> int:
@@ -181,7 +218,29 @@ class MatVecBlock:
     layout: str = "rvec"
 
 
-Result = KroneckerFactors | DenseBlock | MatVecBlock
+@dataclass
+class LayerOperations:
+    """What users consume of one layer's block ``K``, under the request's convention.
+
+    Each field is a callable (``None``: not offered); the harness calls it once per
+    damping ``λ`` of the request, with the request's vectors ``V`` of shape ``(P, k)``
+    in the canonical layout. ``K_λ`` is the damped matrix of the request's convention
+    (docs/theory.md §10).
+
+    Attributes:
+        inverse_product: ``(V, λ) -> K_λ⁻¹ V``, shape ``(P, k)``.
+        logdet: ``λ -> log det K_λ`` (a float or a 0-d tensor).
+        trace: ``() -> tr K`` (undamped), or the number itself.
+        scores: ``(U, V, λ) -> Uᵀ K_λ⁻¹ V``, shape ``(k_U, k_V)`` (influence scores).
+    """
+
+    inverse_product: Callable[[Tensor, float], Any] | None = None
+    logdet: Callable[[float], Any] | None = None
+    trace: Callable[[], Any] | float | Tensor | None = None
+    scores: Callable[[Tensor, Tensor, float], Any] | None = None
+
+
+Result = KroneckerFactors | DenseBlock | MatVecBlock | LayerOperations
 
 
 @runtime_checkable

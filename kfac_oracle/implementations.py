@@ -68,9 +68,13 @@ def _reference() -> dict[str, Implementation]:
 
     module = ReferenceKFAC.__module__
     return {
-        "reference": Implementation("reference", ReferenceKFAC, module),
+        "reference": Implementation(
+            "reference", lambda: ReferenceKFAC(operations=True), module
+        ),
         "reference-separate": Implementation(
-            "reference-separate", lambda: ReferenceKFAC(bias="separate"), module
+            "reference-separate",
+            lambda: ReferenceKFAC(bias="separate", operations=True),
+            module,
         ),
     }
 

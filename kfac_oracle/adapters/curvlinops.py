@@ -21,6 +21,7 @@ The model is deep-copied; curvlinops' hooks never touch the caller's model.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -29,6 +30,7 @@ from kfac_oracle.contract import (
     DenseBlock,
     KFACRequest,
     KroneckerFactors,
+    LayerOperations,
 )
 
 LIBRARY = Library("curvlinops-for-pytorch", "curvlinops")
@@ -126,7 +128,74 @@ class CurvlinopsEKFAC:
         return out
 
 
-ADAPTERS = {"curvlinops-kfac": CurvlinopsKFAC, "curvlinops-ekfac": CurvlinopsEKFAC}
+class CurvlinopsKFACInverse(CurvlinopsKFAC):
+    """curvlinops' ``KFACInverseLinearOperator``: damped KFAC inverse-vector products.
+
+    Its documented damping options (``curvlinops/inverse.py``,
+    ``KFACInverseLinearOperator.__init__``), as conventions of docs/theory.md §10:
+
+    - ``damping=δ``: ``A + δI`` and ``G + δI``, i.e. ``per_factor`` at ``λ = δ²``
+      (the adapter passes ``δ = √λ``);
+    - ``use_heuristic_damping=True``: Martens & Grosse's π-damping with
+      ``√damping``, clamped below by ``min_damping`` (passed as 0): ``pi`` at
+      ``λ = δ``;
+    - ``use_exact_damping=True``: ``(A ⊗ G) + δI``, i.e. ``product`` at ``λ = δ``.
+
+    The operator acts on every requested layer's parameters; a layer's product is
+    read from a vector that is zero outside the layer (KFAC is block diagonal).
+    Curvature requests return the factors, as ``curvlinops-kfac``.
+    """
+
+    name = "curvlinops-kfac-inverse"
+    capabilities = {
+        **CurvlinopsKFAC.capabilities,
+        "bias": {"joint"},
+        "operations": {"inverse"},
+        "damping": {"product", "per_factor", "pi"},
+    }
+
+    def compute(self, request: KFACRequest):
+        """Factors, or ``LayerOperations`` with the inverse for operations."""
+        if request.operations is None:
+            return super().compute(request)
+        curvlinops = LIBRARY.load()
+        model, layers, op, _ = operator(request, "KFACLinearOperator")
+        op.compute_kronecker_factors()
+        convention = request.operations.convention
+        if convention == "per_factor":
+            options = {}
+        elif convention == "pi":
+            options = {"use_heuristic_damping": True, "min_damping": 0.0}
+        elif convention == "product":
+            options = {"use_exact_damping": True}
+        else:
+            raise NotImplementedError(f"curvlinops offers no {convention} damping")
+        total = op.shape[0]
+        out, offset = {}, 0
+        for name in layers:
+            size = sum(
+                p.numel() for p in model.get_submodule(name).parameters(recurse=False)
+            )
+
+            def inverse_product(V, lam, start=offset, size=size):
+                damping = math.sqrt(lam) if convention == "per_factor" else lam
+                inverse = curvlinops.KFACInverseLinearOperator(
+                    op, damping=damping, **options
+                )
+                X = V.new_zeros(total, V.shape[1])
+                X[start : start + size] = V
+                return (inverse @ X)[start : start + size]
+
+            out[name] = LayerOperations(inverse_product=inverse_product)
+            offset += size
+        return out
+
+
+ADAPTERS = {
+    "curvlinops-kfac": CurvlinopsKFAC,
+    "curvlinops-ekfac": CurvlinopsEKFAC,
+    "curvlinops-kfac-inverse": CurvlinopsKFACInverse,
+}
 
 
 # Findings (docs/findings.md): where the library differs, with its upstream status.
@@ -188,6 +257,11 @@ EXPECTATIONS = [
     ),
     Expectation(
         "curvlinops-ekfac", "mlp_tanh_bce_mean", "agree_type-2_*,agree_empirical_*"
+    ),
+    Expectation(
+        "curvlinops-kfac-inverse",
+        "deep_linear_d2_bias_mse_mean",
+        "op_inverse,op_spd,op_exact_*",
     ),
     Expectation(
         "curvlinops-kfac",

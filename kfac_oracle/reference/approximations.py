@@ -12,6 +12,7 @@ Adding an approximation (say KFOC) means one reference module and one
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -37,6 +38,8 @@ class Approximation:
     name = "kfac"
     title = "reference KFAC"
     mc_convergence = True
+    #: The block is ``G ⊗ A`` of the reference factors (so factor damping applies).
+    kronecker_product = True
 
     def supports(self, fisher_type: str) -> bool:
         """Whether the approximation is defined for this fisher type."""
@@ -59,6 +62,27 @@ class Approximation:
         """Layers whose result is not unique (then no comparison is meaningful)."""
         return set()
 
+    def transposed_eigenbasis(
+        self, problem: Problem, flavour: Flavour, layers: Sequence[str]
+    ) -> dict[str, Tensor]:
+        """The blocks rebuilt with each factor's eigenbasis transposed (a pitfall).
+
+        ``A = U_A diag(α) U_Aᵀ`` becomes ``U_Aᵀ diag(α) U_A``, likewise ``G``.
+        """
+        factors = KFACSteps().factors(problem, flavour, layers)
+        out = {}
+        for name, f in factors.items():
+            swapped = []
+            for M in (f.input_covariance, f.gradient_covariance):
+                ev, U = torch.linalg.eigh(M)
+                swapped.append((U.T * ev) @ U)
+            out[name] = kronecker_block(
+                dataclasses.replace(
+                    f, input_covariance=swapped[0], gradient_covariance=swapped[1]
+                )
+            )
+        return out
+
 
 class EKFACApproximation(Approximation):
     """EKFAC (George et al. 2018): KFAC's eigenbasis, exact eigenvalues (E7).
@@ -70,6 +94,7 @@ class EKFACApproximation(Approximation):
     name = "ekfac"
     title = "reference EKFAC"
     mc_convergence = False
+    kronecker_product = False
 
     def supports(self, fisher_type: str) -> bool:
         """EKFAC needs gradients: no forward-only flavour."""
@@ -85,6 +110,20 @@ class EKFACApproximation(Approximation):
         """Dense EKFAC blocks ``Q diag(Λ) Qᵀ``."""
         factors = ekfac(problem, flavour, layers)
         return {name: ekfac_block(f) for name, f in factors.items()}
+
+    def transposed_eigenbasis(
+        self, problem: Problem, flavour: Flavour, layers: Sequence[str]
+    ) -> dict[str, Tensor]:
+        """``Q' diag(Λ) Q'ᵀ`` with ``Q'`` built from ``U_Aᵀ`` and ``U_Gᵀ``."""
+        out = {}
+        for name, f in ekfac(problem, flavour, layers).items():
+            swapped = dataclasses.replace(
+                f,
+                input_eigenvectors=f.input_eigenvectors.T,
+                gradient_eigenvectors=f.gradient_eigenvectors.T,
+            )
+            out[name] = ekfac_block(swapped)
+        return out
 
     def ambiguous(
         self, problem: Problem, flavour: Flavour, layers: Sequence[str]

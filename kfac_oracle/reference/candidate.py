@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from kfac_oracle.contract import FULL_CAPABILITIES, KFACRequest, KroneckerFactors
-from kfac_oracle.flavours import Flavour
+from kfac_oracle.contract import (
+    FULL_CAPABILITIES,
+    OPERATION_CAPABILITIES,
+    KFACRequest,
+    KroneckerFactors,
+    LayerOperations,
+)
+from kfac_oracle.flavours import BiasMode, Flavour
 from kfac_oracle.problem import Problem
 from kfac_oracle.reference.kfac import KFACSteps
+from kfac_oracle.reference.operations import KroneckerOperations
 
 
 class ReferenceKFAC:
@@ -13,22 +20,37 @@ class ReferenceKFAC:
 
     Args:
         bias: ``"joint"`` or ``"separate"``, used when the request states none.
+        operations: Also declare every operation and damping convention
+            (:data:`~kfac_oracle.contract.OPERATION_CAPABILITIES`; the built-in
+            ``reference`` does). Off by default, so that a subclass that post-processes
+            the factors of :meth:`compute` is never asked for operations.
     """
 
     name = "reference"
     capabilities = FULL_CAPABILITIES
     steps_class = KFACSteps
+    operations_class = KroneckerOperations
 
-    def __init__(self, bias: str = "joint"):
+    def __init__(self, bias: str = "joint", operations: bool = False):
         self.bias = bias
+        if operations:
+            self.capabilities = {**self.capabilities, **OPERATION_CAPABILITIES}
 
-    def compute(self, request: KFACRequest) -> dict[str, KroneckerFactors]:
-        """KFAC factors of every requested layer (:func:`~.kfac.kfac`)."""
+    def compute(
+        self, request: KFACRequest
+    ) -> dict[str, KroneckerFactors] | dict[str, LayerOperations]:
+        """KFAC factors of every requested layer (:func:`~.kfac.kfac`).
+
+        For a request of operations, :class:`~.operations.KroneckerOperations` of the
+        joint-bias factors under the requested damping convention.
+        """
         # outputs are validated batch by batch during the KFAC forward passes
         problem = Problem(
             request.model, request.loss_func, request.data, check_outputs=False
         )
         bias = request.bias or self.bias
+        if request.operations is not None:
+            bias = BiasMode.JOINT
         flavour = Flavour(
             request.fisher_type,
             request.kfac_approx,
@@ -36,6 +58,13 @@ class ReferenceKFAC:
             request.mc_samples,
             request.seed,
         )
-        return self.steps_class().factors(
+        factors = self.steps_class().factors(
             problem, flavour, list(request.layers) or None
         )
+        if request.operations is None:
+            return factors
+        convention = request.operations.convention
+        return {
+            name: self.operations_class(f, convention).layer_operations()
+            for name, f in factors.items()
+        }

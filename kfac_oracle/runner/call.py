@@ -94,7 +94,9 @@ def guarded_call(
         with time_limit(limit), caught as recorded:
             warnings.simplefilter("always")
             result = impl.compute(request)
-            report.plain = materialize(result, shapes, dtype, device)
+            report.plain = materialize(
+                result, shapes, dtype, device, request.operations
+            )
             report.warnings = [f"{w.category.__name__}: {w.message}" for w in recorded]
     except KeyboardInterrupt:
         raise

@@ -20,7 +20,7 @@ import torch
 from kfac_oracle.capabilities import Capabilities
 from kfac_oracle.catalogue import Case
 from kfac_oracle.checks.variants import make_variant
-from kfac_oracle.contract import KFACRequest
+from kfac_oracle.contract import KFACRequest, OperationsRequest
 from kfac_oracle.errors import CandidateError, CandidateUnsupported, UsageError
 from kfac_oracle.problem import Problem
 from kfac_oracle.runner import isolation
@@ -36,7 +36,8 @@ class RequestKey:
     """What distinguishes one candidate call from another within a run.
 
     ``repeat`` > 0 asks the same request again, as an independent call (to check
-    that results are reproducible).
+    that results are reproducible). ``operations`` asks for operations instead of
+    curvature (:class:`OperationsKey`).
     """
 
     case: str
@@ -47,6 +48,20 @@ class RequestKey:
     variant: str = "base"
     bias: str | None = None
     repeat: int = 0
+    operations: OperationsKey | None = None
+
+
+@dataclass(frozen=True)
+class OperationsKey:
+    """A request of operations: convention, dampings per layer, operations.
+
+    The probe vectors are fixed by the layers' sizes
+    (:func:`kfac_oracle.reference.operations.probe_vectors`).
+    """
+
+    convention: str
+    damping: tuple[tuple[str, tuple[float, ...]], ...]
+    operations: tuple[str, ...]
 
 
 def build_problem(
@@ -157,6 +172,16 @@ class CandidateCaller:
         problem = build_problem(case, key.variant, self.dtype, self.single_batch)
         layers = tuple(case.layers)
         shapes = layer_shapes(problem.model, layers)
+        operations = None
+        if key.operations is not None:
+            from kfac_oracle.reference.operations import probe_vectors
+
+            operations = OperationsRequest(
+                convention=key.operations.convention,
+                damping=dict(key.operations.damping),
+                vectors=probe_vectors(shapes, problem.dtype, problem.device),
+                operations=key.operations.operations,
+            )
         request = KFACRequest(
             model=problem.model,
             loss_func=problem.loss_func,
@@ -168,6 +193,7 @@ class CandidateCaller:
             layers=layers,
             bias=key.bias,
             info={"case": case.id, "variant": key.variant},
+            operations=operations,
         )
         report = self._invoke(request, shapes, problem.dtype, problem.device)
         self._calls[case.id].append((key, report.leftovers, report.plain is not None))
@@ -212,4 +238,10 @@ def isolation_worker(impl: Any) -> isolation.Worker:
     return isolation.Worker(impl)
 
 
-__all__ = ["ISOLATION_MODES", "CandidateCaller", "RequestKey", "build_problem"]
+__all__ = [
+    "ISOLATION_MODES",
+    "CandidateCaller",
+    "OperationsKey",
+    "RequestKey",
+    "build_problem",
+]

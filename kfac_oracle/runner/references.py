@@ -13,10 +13,12 @@ from torch import Tensor
 
 from kfac_oracle import statistics
 from kfac_oracle.catalogue import Case
+from kfac_oracle.contract import KroneckerFactors
 from kfac_oracle.flavours import Flavour
 from kfac_oracle.problem import Problem
 from kfac_oracle.reference.approximations import Approximation
 from kfac_oracle.reference.exact import curvature_block
+from kfac_oracle.reference.kfac import KFACSteps
 from kfac_oracle.reference.mc_draws import reference_draws
 from kfac_oracle.runner.caller import build_problem
 from kfac_oracle.statistics import NullModel
@@ -43,6 +45,7 @@ class ReferenceCache:
         self._exact: dict[tuple[str, str, str, str], Tensor] = {}
         self._blocks: dict[tuple[str, Flavour, str], dict[str, Tensor]] = {}
         self._ambiguous: dict[tuple[str, Flavour, str], set[str]] = {}
+        self._factors: dict[tuple[str, Flavour, str], dict[str, KroneckerFactors]] = {}
         self._nulls: dict[tuple[str, str, str], dict[str, dict[int, NullModel]]] = {}
 
     def problem(self, case: Case, variant: str = "base") -> Problem:
@@ -72,6 +75,17 @@ class ReferenceCache:
             problem = self.problem(case, variant)
             self._blocks[key] = self.approximation.blocks(problem, flavour, case.layers)
         return self._blocks[key]
+
+    def factors(
+        self, case: Case, flavour: Flavour, variant: str = "base"
+    ) -> dict[str, KroneckerFactors]:
+        """Reference KFAC factors of every layer (what factor damping acts on)."""
+        key = (case.id, flavour, variant)
+        if key not in self._factors:
+            self._factors[key] = KFACSteps().factors(
+                self.problem(case, variant), flavour, case.layers
+            )
+        return self._factors[key]
 
     def kfac_blocks(
         self, case: Case, flavour: Flavour, variant: str = "base"

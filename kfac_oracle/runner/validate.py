@@ -12,21 +12,32 @@ with process isolation, inside its process):
    finite, symmetric, positive semi-definite) and turns them into canonical blocks
    ``[rvec(W), b]`` (docs/theory.md §3).
 
+For a request of operations, step 1 calls each layer's
+:class:`~kfac_oracle.contract.LayerOperations` at the request's dampings and vectors
+(:func:`materialize_operations`), and step 2 checks the values (shapes, dtype, finite).
+
 Both raise :class:`~kfac_oracle.errors.CandidateError` with a message naming the layer
 and what is wrong.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kfac_oracle.contract import DenseBlock, KroneckerFactors, MatVecBlock
+from kfac_oracle.contract import (
+    DenseBlock,
+    KroneckerFactors,
+    LayerOperations,
+    MatVecBlock,
+    OperationsRequest,
+)
 from kfac_oracle.conventions import canonical_block, weight_shape_2d
 from kfac_oracle.errors import CandidateError
 from kfac_oracle.flavours import BiasMode
@@ -74,8 +85,10 @@ class PlainResult:
     """A candidate's result for one layer, copied into plain tensors.
 
     Attributes:
-        kind: ``"factors"`` or ``"dense"`` (a densified ``MatVecBlock`` too).
-        tensors: ``{"A", "G", "bias_covariance"}`` or ``{"matrix"}``.
+        kind: ``"factors"``, ``"dense"`` (a densified ``MatVecBlock`` too) or
+            ``"operations"``.
+        tensors: ``{"A", "G", "bias_covariance"}``, ``{"matrix"}``, or the values of
+            the operations (:func:`materialize_operations`).
         bias: The declared bias mode (factors) or ``"joint"``/``"none"`` (blocks).
         layout: ``"rvec"`` or ``"cvec"`` (blocks).
     """
@@ -88,10 +101,15 @@ class PlainResult:
 
 @dataclass
 class CandidateResult:
-    """Validated canonical blocks and the bias mode per layer."""
+    """Validated canonical blocks and the bias mode per layer (or operation values).
+
+    ``operations`` holds, for a request of operations, ``{layer: {operation:
+    values}}`` as :func:`materialize_operations` describes them.
+    """
 
     blocks: dict[str, Tensor]
     bias: dict[str, str]
+    operations: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
 
 def _copy(what: str, value: Any) -> Tensor:
@@ -150,11 +168,71 @@ def _densify(
     return torch.stack(columns, dim=1)
 
 
+def _value(what: str, value: Any, shape: tuple[int, ...]) -> Tensor:
+    """A copy of one operation's value, checked to have ``shape``."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = torch.tensor(float(value), dtype=torch.float64)
+    out = _copy(what, value)
+    if tuple(out.shape) != shape and not (shape == () and out.numel() == 1):
+        raise CandidateError(f"{what} has shape {tuple(out.shape)}, expected {shape}")
+    return out.reshape(shape)
+
+
+def materialize_operations(
+    where: str, value: object, operations: OperationsRequest, layer: str, size: int
+) -> PlainResult:
+    """Call one layer's :class:`LayerOperations` at every requested damping.
+
+    The values, for ``n`` dampings and ``V`` of shape ``(P, k)``: ``"inverse"``
+    ``(n, P, k)``, ``"logdet"`` ``(n,)``, ``"trace"`` ``()``, ``"scores"``
+    ``(n, k, k)`` (``scores(V, V, λ)``).
+
+    Raises:
+        CandidateError: Not a ``LayerOperations``, a requested operation missing, or
+            a value of the wrong shape or type.
+    """
+    if not isinstance(value, LayerOperations):
+        raise CandidateError(
+            f"{where}: result of type {type(value).__name__}; a request of operations "
+            "expects LayerOperations"
+        )
+    V = operations.vectors[layer]
+    k = V.shape[1]
+    dampings = operations.damping[layer]
+    tensors: dict[str, Tensor | None] = {}
+    for name in operations.operations:
+        attribute = "inverse_product" if name == "inverse" else name
+        function = getattr(value, attribute)
+        if function is None:
+            raise CandidateError(
+                f"{where}: LayerOperations.{attribute} is None, but the capabilities "
+                f"declare {name!r}"
+            )
+        what = f"{where} {attribute}"
+        if name == "trace":
+            result = function() if callable(function) else function
+            tensors[name] = _value(what, result, ())
+            continue
+        if not callable(function):
+            raise CandidateError(f"{what} is a {type(function).__name__}, not callable")
+        values = []
+        for lam in dampings:
+            if name == "inverse":
+                values.append(_value(what, function(V.clone(), lam), (size, k)))
+            elif name == "logdet":
+                values.append(_value(what, function(lam), ()))
+            else:
+                values.append(_value(what, function(V.clone(), V.clone(), lam), (k, k)))
+        tensors[name] = torch.stack(values)
+    return PlainResult("operations", tensors, bias=BiasMode.JOINT.value)
+
+
 def materialize(
     result: object,
     shapes: Mapping[str, LayerShape],
     dtype: torch.dtype,
     device: Any,
+    operations: OperationsRequest | None = None,
 ) -> dict[str, PlainResult]:
     """Copy a candidate's result into :class:`PlainResult` s (step 1 of 2).
 
@@ -177,7 +255,11 @@ def materialize(
             raise CandidateError(f"result misses layer {layer!r}{hint} (got {keys})")
         value = result[layer]
         where = f"layer {layer!r}"
-        if isinstance(value, KroneckerFactors):
+        if operations is not None:
+            out[layer] = materialize_operations(
+                where, value, operations, layer, shape.size
+            )
+        elif isinstance(value, KroneckerFactors):
             bias = value.bias
             if bias not in BiasMode.values():
                 raise CandidateError(f"{where}: unknown bias mode {bias!r}")
@@ -226,9 +308,13 @@ def validate(
             NaN or inf, a non-symmetric or indefinite factor or block.
     """
     blocks, modes = {}, {}
+    operations: dict[str, dict[str, Tensor]] = {}
     for layer, shape in shapes.items():
         value = plain[layer]
         where = f"layer {layer!r}"
+        if value.kind == "operations":
+            operations[layer] = _validate_operations(where, value, dtype, device)
+            continue
         if value.kind == "factors":
             factors = _validate_factors(where, value, shape, dtype, device)
             block = canonical_block(factors, _ShapeModule(shape))
@@ -251,7 +337,30 @@ def validate(
             )
         validate_matrix(f"{where} block", block, dtype, device)
         blocks[layer], modes[layer] = block, mode
-    return CandidateResult(blocks, modes)
+    return CandidateResult(blocks, modes, operations)
+
+
+def _validate_operations(
+    where: str, value: PlainResult, dtype: torch.dtype, device: Any
+) -> dict[str, Tensor]:
+    """Operation values: finite, on the device, in the problem's dtype.
+
+    A plain number for ``trace`` or ``logdet`` is accepted and converted.
+    """
+    out = {}
+    for name, tensor in value.tensors.items():
+        assert tensor is not None
+        what = f"{where} {name}"
+        if tensor.ndim > 1 and tensor.dtype != dtype:
+            raise CandidateError(f"{what} has dtype {tensor.dtype}, expected {dtype}")
+        if not tensor.dtype.is_floating_point:
+            raise CandidateError(f"{what} has dtype {tensor.dtype}, not floating")
+        if tensor.ndim > 1 and tensor.device != torch.device(device):
+            raise CandidateError(f"{what} is on {tensor.device}, expected {device}")
+        if not torch.isfinite(tensor).all():
+            raise CandidateError(f"{what} contains NaN or inf")
+        out[name] = tensor.to(dtype=dtype, device=device)
+    return out
 
 
 class _ShapeModule:
@@ -339,6 +448,7 @@ __all__ = [
     "PlainResult",
     "layer_shapes",
     "materialize",
+    "materialize_operations",
     "validate",
     "validate_matrix",
 ]
