@@ -1,4 +1,7 @@
-"""The published matrix agrees with its records: README, docs/matrix.md, docs/findings.md."""
+"""The published matrix agrees with its records.
+
+README, docs/matrix.md and docs/findings.md are checked against docs/matrix.json.gz.
+"""
 
 from __future__ import annotations
 
