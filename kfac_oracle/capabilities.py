@@ -13,6 +13,8 @@ means
 ``bias``           ``joint``, ``separate`` (which treatments it can be asked for)
 ``output_ndim``    integers >= 2: the model output's number of dimensions
 ``approximation``  one of the registered approximations (``kfac``, ``ekfac``)
+``distributed``    ``data-parallel``: ``compute`` works under ``torch.distributed``
+                   (``kfac-oracle check --world-size W``)
 =================  ==========================================================
 
 An unknown key (``"fisher_types"``), an unknown value (``"type2"``), a plain string
@@ -36,6 +38,7 @@ from kfac_oracle.flavours import BiasMode, FisherType, KFACApprox
 LOSSES = ("MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss")
 LAYERS = ("Linear", "Conv2d")
 REDUCTIONS = ("mean", "sum")
+DISTRIBUTED = ("data-parallel",)
 
 
 def _approximations() -> tuple[str, ...]:
@@ -55,6 +58,7 @@ def _vocabulary(key: str) -> tuple[Any, ...] | None:
         "bias": (BiasMode.JOINT.value, BiasMode.SEPARATE.value),
         "output_ndim": None,
         "approximation": _approximations(),
+        "distributed": DISTRIBUTED,
     }[key]
 
 
@@ -73,6 +77,7 @@ class Capabilities:
     bias: frozenset[str] | None = None
     output_ndim: frozenset[int] | None = None
     approximation: frozenset[str] | None = None
+    distributed: frozenset[str] | None = None
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:

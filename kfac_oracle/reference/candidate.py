@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kfac_oracle.contract import FULL_CAPABILITIES, KFACRequest, KroneckerFactors
+from kfac_oracle.distributed.reference import DataParallelSteps
 from kfac_oracle.flavours import Flavour
 from kfac_oracle.problem import Problem
 from kfac_oracle.reference.kfac import KFACSteps
@@ -11,13 +12,17 @@ from kfac_oracle.reference.kfac import KFACSteps
 class ReferenceKFAC:
     """kfac_oracle's own KFAC as a candidate: passes every applicable check.
 
+    In a data-parallel request (``world_size > 1``) it runs
+    :class:`~kfac_oracle.distributed.reference.DataParallelSteps`.
+
     Args:
         bias: ``"joint"`` or ``"separate"``, used when the request states none.
     """
 
     name = "reference"
     capabilities = FULL_CAPABILITIES
-    steps_class = KFACSteps
+    steps_class: type[KFACSteps] = KFACSteps
+    distributed_steps_class: type[KFACSteps] = DataParallelSteps
 
     def __init__(self, bias: str = "joint"):
         self.bias = bias
@@ -36,6 +41,7 @@ class ReferenceKFAC:
             request.mc_samples,
             request.seed,
         )
-        return self.steps_class().factors(
-            problem, flavour, list(request.layers) or None
+        steps_class = (
+            self.distributed_steps_class if request.world_size > 1 else self.steps_class
         )
+        return steps_class().factors(problem, flavour, list(request.layers) or None)
