@@ -142,6 +142,20 @@ class MisbehavingRank(ReferenceKFAC):
         return super().compute(request)
 
 
+class Rank1ReseedsTorch(ReferenceKFAC):
+    """Rank 1 reseeds torch's global generator after computing (a side effect)."""
+
+    name = "rank1-reseeds"
+
+    def compute(self, request):
+        out = super().compute(request)
+        if request.rank == 1:
+            import torch
+
+            torch.manual_seed(1234)
+        return out
+
+
 class SingleProcessOnly(ReferenceKFAC):
     """Declares nothing about distribution (the single-process capabilities)."""
 
@@ -151,4 +165,9 @@ class SingleProcessOnly(ReferenceKFAC):
     }
 
 
-__all__ = ["DISTRIBUTED_MUTANTS", "MisbehavingRank", "SingleProcessOnly"]
+__all__ = [
+    "DISTRIBUTED_MUTANTS",
+    "MisbehavingRank",
+    "Rank1ReseedsTorch",
+    "SingleProcessOnly",
+]

@@ -18,7 +18,12 @@ from kfac_oracle.cli import main
 from kfac_oracle.distributed.run import DistributedSession, run
 from kfac_oracle.distributed.shards import replicate, shard, shard_sizes, union
 from kfac_oracle.errors import CapabilityError, Unsupported
-from tests.dist_mutants import DISTRIBUTED_MUTANTS, MisbehavingRank, SingleProcessOnly
+from tests.dist_mutants import (
+    DISTRIBUTED_MUTANTS,
+    MisbehavingRank,
+    Rank1ReseedsTorch,
+    SingleProcessOnly,
+)
 
 MLP = "mlp_tanh_mse_mean"  # MSE: MC labels are continuous; has an MC claim
 SHARED = "seq_ce_sum"  # weight sharing: expand and reduce
@@ -79,6 +84,16 @@ def test_distributed_mutant_is_caught_and_named(mutant, W):
     assert bad, f"{mutant.name} not caught"
     named = [r for r in bad if mutant.expected_diagnosis in (r.diagnosis or "")]
     assert named, [(r.id, r.diagnosis) for r in bad]
+
+
+def test_side_effects_of_one_rank_are_a_failure_naming_the_rank():
+    checks = "dist_agree_type-2_*,dist_side_effects"
+    records = run(Rank1ReseedsTorch(), 2, cases=MLP, checks=checks, time_limit=60)
+    status = {r.check: r for r in records}
+    assert status["dist_side_effects"].status == "failed"
+    assert "rank(s) 1)" in status["dist_side_effects"].message
+    clean = run("reference", 2, cases=MLP, checks=checks, time_limit=60)
+    assert all(r.status == "passed" for r in clean)
 
 
 def _alive(pid: int) -> bool:

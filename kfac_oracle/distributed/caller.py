@@ -59,6 +59,8 @@ class DistributedCaller:
         #: Distinct warnings the candidate raised, with how many rank calls raised each.
         self.warnings: dict[str, int] = {}
         self._cache: dict[tuple[str, RequestKey, str], RankResults | Exception] = {}
+        #: Per case: every rank call's ``(rank, what it left behind)``.
+        self.calls: dict[str, list[tuple[int, list[str]]]] = {}
 
     def shards(self, case: Case, layout: str = "shards") -> list[Batches]:
         """Every rank's batches of ``case`` under ``layout``.
@@ -99,8 +101,7 @@ class DistributedCaller:
         self, case: Case, key: RequestKey, layout: str
     ) -> RankResults | Exception:
         shards = self.shards(case, layout)
-        calls = []
-        shapes = None
+        requests = []
         for rank, batches in enumerate(shards):
             problem = build_problem(case, "base", self.dtype)
             layers = tuple(case.layers)
@@ -119,12 +120,14 @@ class DistributedCaller:
                 rank=rank,
                 world_size=self.world_size,
             )
-            calls.append((request, shapes, problem.dtype, problem.device))
+            requests.append((request, shapes, problem.dtype, problem.device))
         try:
-            reports = self.group.call(calls)
+            reports = self.group.call(requests)
         except GroupError as error:
             return CandidateError(f"the process group did not start: {error}")
-        for report in reports:
+        calls = self.calls.setdefault(case.id, [])
+        for rank, report in enumerate(reports):
+            calls.append((rank, report.leftovers))
             for warning in report.warnings:
                 self.warnings[warning] = self.warnings.get(warning, 0) + 1
         unsupported = [
@@ -143,7 +146,7 @@ class DistributedCaller:
             return CandidateUnsupported("; ".join(unsupported))
         results = []
         for r, (report, (_, shape, dtype, device)) in enumerate(
-            zip(reports, calls, strict=True)
+            zip(reports, requests, strict=True)
         ):
             assert report.plain is not None
             try:

@@ -28,6 +28,8 @@ shards, the last rank with two batches) unless a check says otherwise.
   the whole data set (independent labels per datum, whichever rank holds it): the
   statistical verdict of :mod:`kfac_oracle.statistics` (scale, Frobenius and spread
   tests; false-alarm probability ≤ 1e-6), on cases with an ``mc_convergence`` claim.
+- ``dist_side_effects[case]`` (last): no rank's call on the case left hooks, flags or
+  global state changed (:mod:`kfac_oracle.runner.sideeffects`, as ``side_effects``).
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ class DistContext:
     def results(self, key: RequestKey, layout: str = "shards") -> RankResults:
         """Every rank's validated result."""
         return self.caller.results(self.case, key, layout)
+
+    def default_approx(self) -> str:
+        """The approximation matching the case's weight sharing (expand without)."""
+        return "reduce" if self.case.setting == "reduce" else "expand"
 
     def problem(self) -> Problem:
         """The case's problem (shared: do not modify it)."""
@@ -371,6 +377,31 @@ def dist_mc_converges(ctx: DistContext, *, kfac_approx: str) -> Outcome:
     )
 
 
+def dist_side_effects(ctx: DistContext) -> Outcome:
+    """No rank's call on this case left anything behind (as ``side_effects``)."""
+    ctx.require(str(FisherType.TYPE2), str(ctx.default_approx()))
+    calls = ctx.caller.calls.get(ctx.case.id, [])
+    if not calls:
+        raise Unsupported("no distributed call was made for this case")
+    left = [(rank, found) for rank, found in calls if found]
+    if not left:
+        return Outcome("passed", message=f"{len(calls)} rank calls left nothing behind")
+    messages: dict[str, set[int]] = {}
+    for rank, found in left:
+        for message in found:
+            messages.setdefault(message, set()).add(rank)
+    listed = "; ".join(
+        f"{m} (rank(s) {', '.join(map(str, sorted(r)))})" for m, r in messages.items()
+    )
+    return Outcome(
+        "failed",
+        float(len(left)),
+        0.0,
+        f"{len(left)} of {len(calls)} rank calls left side effects: {listed}",
+        diagnosis="side effects of the candidate (docs/theory.md §7, pitfall 10)",
+    )
+
+
 def items(case: Case) -> Iterator[DistItem]:
     """The distributed checks of one case, in a fixed order."""
     for ft in deterministic_fisher_types():
@@ -407,6 +438,7 @@ def items(case: Case) -> Iterator[DistItem]:
             dist_mc_converges,
             {"kfac_approx": mc_approx},
         )
+    yield DistItem("dist_side_effects", case, None, dist_side_effects)
 
 
 __all__ = [
@@ -418,5 +450,6 @@ __all__ = [
     "dist_mc_converges",
     "dist_mc_independent",
     "dist_ranks_agree",
+    "dist_side_effects",
     "items",
 ]
