@@ -6,16 +6,18 @@ own process group and killed when the harness dies (as the isolation worker,
 ``torch.distributed.TCPStore`` on a free loopback port (port 0: the kernel chooses, so
 no other process can take it in between) and tells the harness the port, which passes
 it to the other ranks; every rank then calls
-``init_process_group("gloo", store=…, rank=r, world_size=W)`` and reports ready. The
-group then serves calls for the whole run: the harness sends each rank its request,
-the rank runs :func:`~kfac_oracle.runner.call.guarded_call` and sends back its
+``init_process_group("gloo", store=…, rank=r, world_size=W)`` and reports ready
+(``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE`` are set as
+``torchrun`` sets them). The group then serves calls for the whole run: the harness
+sends each rank its request, the rank runs
+:func:`~kfac_oracle.runner.call.guarded_call` and sends back its
 :class:`~kfac_oracle.runner.call.CallReport`.
 
 One hard deadline applies to the whole group per call (the time limit): a rank that
 hangs, dies (``os._exit``, a segfault) or fails while the others wait in a collective
-ends the call for every rank; the whole group is then killed (each rank's process group,
-so nothing the candidate started survives, and rank 0's port is closed with it) and
-started afresh at the next call. Nothing a candidate does can end or block the run.
+ends the call for every rank; the whole group is then killed (each rank's process
+group, so nothing the candidate started survives, and rank 0's port is closed with it)
+and started afresh at the next call. Nothing a candidate does can end or block the run.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ def _rank_main(impl: Any, rank: int, world_size: int, conn: Connection) -> None:
     _become_worker()
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # what torchrun sets, for libraries that read the environment
+    for name, value in (
+        ("RANK", rank),
+        ("LOCAL_RANK", rank),
+        ("WORLD_SIZE", world_size),
+        ("LOCAL_WORLD_SIZE", world_size),
+    ):
+        os.environ[name] = str(value)
     import torch.distributed as dist
 
     from kfac_oracle.runner.call import guarded_call
