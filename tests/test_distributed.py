@@ -214,3 +214,31 @@ def test_cli_distributed_run_passes_and_prints_the_reproduce_line(capsys):
 def test_reference_passes_the_whole_catalogue_at_two_ranks():
     records = run("reference", 2, cases=load_cases(), time_limit=120)
     assert not _bad(records), [(r.id, r.message) for r in _bad(records)][:5]
+
+
+def test_parametrize_with_checks_runs_the_distributed_checks():
+    from kfac_oracle.testing import check_items
+
+    _, checks = check_items(
+        "reference",
+        MLP,
+        "dist_agree_type-2_*,dist_ranks_agree_type-2_*",
+        world_size=2,
+    )
+    assert len(checks) == 3 and all(c.item.family == "distributed" for c in checks)
+    records = [c.run() for c in checks]
+    assert all(r.status == "passed" for r in records), records
+    assert "--world-size 2" in records[0].reproduce
+    checks[0].session.close()
+
+
+pytest_plugins = ["pytester"]
+
+
+def test_plugin_world_size_option(pytester):
+    args = ["-p", "no:cacheprovider", "--kfac-impl", "reference", "--kfac-cases", MLP]
+    args += ["--kfac-checks", "dist_agree_type-2_*", "--kfac-world-size", "2"]
+    outcomes = pytester.runpytest_inprocess(*args).parseoutcomes()
+    assert outcomes.get("passed") == 2 and "failed" not in outcomes, outcomes
+    bad = pytester.runpytest_inprocess(*args[:-1], "two")
+    assert bad.ret != 0

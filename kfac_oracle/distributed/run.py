@@ -16,7 +16,7 @@ import os
 import shlex
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,7 +148,9 @@ def run_item(item: DistItem, session: DistributedSession) -> CheckRecord:
     return record
 
 
-def select_items(cases: Sequence[Case], checks: str | None = None) -> list[DistItem]:
+def select_items(
+    cases: Sequence[Case], checks: str | Iterable[str] | None = None
+) -> list[DistItem]:
     """The distributed check items of ``cases``, narrowed to ``checks`` patterns.
 
     Raises:
@@ -164,7 +166,7 @@ def run(
     impl: Any,
     world_size: int,
     cases: Sequence[Case] | str | None = None,
-    checks: str | None = None,
+    checks: str | Iterable[str] | None = None,
     expected_failures: Mapping[str, str] | str | Path | None = None,
     time_limit: float | None = DEFAULT_TIME_LIMIT,
     progress: Progress | None = None,
