@@ -106,6 +106,12 @@ DISTRIBUTED_MUTANTS = [
     ),
     distributed_mutant(_Rank0Only, "rank0-only", "rank 0's factors only", AGREE),
     distributed_mutant(
+        KFACSteps,
+        "not-reduced",
+        "factors not all-reduced: every rank returned the factors of its own shard",
+        "dist_ranks_agree_*",
+    ),
+    distributed_mutant(
         _SameLabels,
         "same-mc-labels",
         "every rank sampled the same MC labels",

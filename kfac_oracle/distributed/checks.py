@@ -226,12 +226,16 @@ def dist_ranks_agree(
     if not differ:
         return Outcome("passed", worst, EXACT_RTOL, f"{what}: largest {worst:.3e}")
     diagnosis = None
-    if _rank0_only(ctx, results, fisher_type, kfac_approx, differ):
-        ranks = ", ".join(map(str, sorted(differ)))
+    ranks = ", ".join(map(str, sorted(differ)))
+    if _local(ctx, results, fisher_type, kfac_approx, differ, rank0_reduced=True):
         diagnosis = (
             f"rank 0's factors only: rank 0 holds the all-reduced factors, rank(s) "
             f"{ranks} returned their own shard's (reduced to rank 0 without a "
             "broadcast?)"
+        )
+    elif _local(ctx, results, fisher_type, kfac_approx, set(range(len(results)))):
+        diagnosis = (
+            "factors not all-reduced: every rank returned the factors of its own shard"
         )
     return Outcome(
         "failed",
@@ -243,25 +247,33 @@ def dist_ranks_agree(
     )
 
 
-def _rank0_only(
+def _local(
     ctx: DistContext,
     results: RankResults,
     fisher_type: str,
     kfac_approx: str,
-    differ: set[int],
+    ranks: set[int],
+    rank0_reduced: bool = False,
 ) -> bool:
-    """Rank 0 equals the reference and the differing ranks their own shard's factors."""
+    """Whether ``ranks`` returned their own shard's factors (up to a constant).
+
+    With ``rank0_reduced``, rank 0 must also equal the reference (*rank 0's factors
+    only*).
+    """
     problem, shards = ctx.problem(), ctx.caller.shards(ctx.case)
     for layer in ctx.case.layers:
         mode = results[0].bias[layer]
         flavour = Flavour(fisher_type, kfac_approx, reference_bias(mode))
         reference = ctx.references.blocks(ctx.case, flavour)[layer]
         module = problem.model.get_submodule(layer)
-        if not compare_blocks(
-            results[0].blocks[layer], reference, mode, module, ""
-        ).passed:
+        if (
+            rank0_reduced
+            and not compare_blocks(
+                results[0].blocks[layer], reference, mode, module, ""
+            ).passed
+        ):
             return False
-        for r in differ:
+        for r in ranks:
             why = diagnose_rank(
                 results[r].blocks[layer], problem, shards, flavour, layer, r, EXACT_RTOL
             )
