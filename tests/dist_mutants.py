@@ -88,6 +88,13 @@ class _SameLabels(DataParallelSteps):
         return mc_labels(problem, mc_samples, seed)
 
 
+class _SeedIgnored(DataParallelSteps):
+    """Every request samples with seed 0 (the ranks' streams still differ)."""
+
+    def labels(self, problem, mc_samples, seed):
+        return super().labels(problem, mc_samples, 0)
+
+
 AGREE = "dist_agree_*,dist_ranks_agree_*"
 
 DISTRIBUTED_MUTANTS = [
@@ -116,6 +123,9 @@ DISTRIBUTED_MUTANTS = [
         "same-mc-labels",
         "every rank sampled the same MC labels",
         "dist_mc_independent_*",
+    ),
+    distributed_mutant(
+        _SeedIgnored, "seed-ignored", "the seed is ignored", "dist_mc_reproducible_*"
     ),
 ]
 

@@ -70,8 +70,9 @@ def test_reference_passes_every_distributed_check(W):
     independent = [r for r in records if r.check.startswith("dist_mc_independent")]
     assert independent and all(r.status == "passed" for r in independent)
     if checks is None:
-        converges = [r for r in records if r.check.startswith("dist_mc_converges")]
-        assert converges and all(r.status == "passed" for r in converges)
+        for name in ("dist_mc_converges", "dist_mc_reproducible", "dist_side_effects"):
+            mine = [r for r in records if r.check.startswith(name)]
+            assert mine and all(r.status == "passed" for r in mine), name
 
 
 @pytest.mark.parametrize("mutant", DISTRIBUTED_MUTANTS, ids=lambda m: m.name)

@@ -23,6 +23,9 @@ shards, the last rank with two batches) unless a check says otherwise.
   check is unsupported where this exceeds 1e-6, or where ``D`` has repeated inputs.
   It cannot see ranks that share a stream other than the single-process one; the
   convergence check below sees their spread only if the shards' labels correlate.
+- ``dist_mc_reproducible_{approx}[case]``: over all ranks, seed 0 asked twice gives
+  the same blocks on every rank and seed 1 another result (``M = 1``; unless sampling
+  has no variance in the case).
 - ``dist_mc_converges_{approx}[case-layer]``: over all ranks, MC-KFAC with ``K = 16``
   seeds at ``M = 1`` and ``100`` has the distribution of the reference's MC-KFAC over
   the whole data set (independent labels per datum, whichever rank holds it): the
@@ -350,6 +353,58 @@ def dist_mc_independent(ctx: DistContext, *, kfac_approx: str) -> Outcome:
     )
 
 
+def dist_mc_reproducible(ctx: DistContext, *, kfac_approx: str) -> Outcome:
+    """MC over all ranks is reproducible by seed, and another seed differs.
+
+    ``M = 1``: seed 0 asked twice gives the same blocks on every rank (1e-10); seed 1
+    differs from seed 0 (relative difference > 1e-10) unless sampling has no variance
+    in the case (the reference's draws do not vary).
+    """
+    ctx.require(str(FisherType.MC), kfac_approx)
+    mc = str(FisherType.MC)
+    first = ctx.results(ctx.key(mc, kfac_approx, 1, 0))
+    again = ctx.caller.results(
+        ctx.case, RequestKey(ctx.case.id, mc, kfac_approx, 1, 0, repeat=1)
+    )
+    other = ctx.results(ctx.key(mc, kfac_approx, 1, 1))
+    layers = ctx.case.layers
+    repeat = max(
+        rel_error(b.blocks[layer], a.blocks[layer])
+        for a, b in zip(first, again, strict=True)
+        for layer in layers
+    )
+    change = max(
+        rel_error(other[0].blocks[lay], first[0].blocks[lay]) for lay in layers
+    )
+    bias = reference_bias(first[0].bias[layers[0]])
+    nulls = ctx.references.mc_nulls(ctx.case, kfac_approx, bias)
+    random = not all(nulls[layer][1].zero_spread for layer in layers)
+    what = f"MC ({kfac_approx}, M = 1) over {len(first)} ranks"
+    detail = (
+        f"seed 0 twice: largest relative difference {repeat:.3e}; seed 1 vs seed 0: "
+        f"{change:.3e}"
+    )
+    if repeat > EXACT_RTOL:
+        return Outcome(
+            "failed",
+            repeat,
+            EXACT_RTOL,
+            f"{what}: not reproducible; {detail}",
+            diagnosis="MC results not reproducible by seed (a sampler not seeded "
+            "from the request on some rank)",
+        )
+    if random and change <= EXACT_RTOL:
+        return Outcome(
+            "failed",
+            change,
+            EXACT_RTOL,
+            f"{what}: another seed gives the same result; {detail}",
+            diagnosis="the seed is ignored on every rank (the ranks' samplers do not "
+            "depend on the request's seed)",
+        )
+    return Outcome("passed", repeat, EXACT_RTOL, f"{what}: {detail}")
+
+
 def dist_mc_converges(ctx: DistContext, *, kfac_approx: str) -> Outcome:
     """Over all ranks, MC-KFAC is distributed as the reference's over the whole data."""
     assert ctx.layer is not None
@@ -442,6 +497,13 @@ def items(case: Case) -> Iterator[DistItem]:
             dist_mc_independent,
             {"kfac_approx": mc_approx},
         )
+        yield DistItem(
+            f"dist_mc_reproducible_{mc_approx}",
+            case,
+            None,
+            dist_mc_reproducible,
+            {"kfac_approx": mc_approx},
+        )
     for layer, mc_approx in claims:
         yield DistItem(
             f"dist_mc_converges_{mc_approx}",
@@ -461,6 +523,7 @@ __all__ = [
     "dist_agree",
     "dist_mc_converges",
     "dist_mc_independent",
+    "dist_mc_reproducible",
     "dist_ranks_agree",
     "dist_side_effects",
     "items",
