@@ -243,3 +243,21 @@ def test_plugin_world_size_option(pytester):
     assert outcomes.get("passed") == 2 and "failed" not in outcomes, outcomes
     bad = pytester.runpytest_inprocess(*args[:-1], "two")
     assert bad.ret != 0
+
+
+def test_a_group_that_cannot_start_is_an_error_record(monkeypatch):
+    from kfac_oracle.distributed import group
+
+    monkeypatch.setattr(group, "HOST", "256.0.0.1")  # rank 0 cannot open its store
+    monkeypatch.setattr(group, "START_TIMEOUT", 3.0)
+    session = DistributedSession.start("reference", 2, time_limit=30)
+    try:
+        records = run(
+            None, 2, cases=CASES, checks="dist_agree_type-2_*", session=session
+        )
+    finally:
+        session.close()
+    assert records and all(r.status == "error" for r in records)
+    assert "did not start" in records[0].message
+    assert session.caller.group.starts == 1  # not retried case after case
+    assert _gone(session.caller.group.history_pids, [])

@@ -125,6 +125,8 @@ class RankGroup:
         #: Every rank process id and rendezvous port this group has had.
         self.history_pids: list[int] = []
         self.history_ports: list[int] = []
+        #: Why the group could not start (then it is not tried again).
+        self.start_error: str | None = None
         self._processes: list[Any] = []
         self._conns: list[Connection] = []
         _LIVE.add(self)
@@ -143,8 +145,12 @@ class RankGroup:
 
         Raises:
             GroupError: If a rank fails or the rendezvous takes too long (the group
-                is killed).
+                is killed). The start involves no candidate code, so such a failure
+                is the environment's: later starts fail at once with the same
+                message.
         """
+        if self.start_error is not None:
+            raise GroupError(self.start_error)
         ctx = get_context("fork")
         for rank in range(self.world_size):
             parent, child = ctx.Pipe(duplex=True)
@@ -174,7 +180,8 @@ class RankGroup:
                 conn.send(max(limit, 1.0))
             for rank in range(self.world_size):
                 self._expect(rank, "ready", deadline)
-        except GroupError:
+        except GroupError as error:
+            self.start_error = str(error)
             self.stop()
             raise
 
