@@ -15,6 +15,8 @@ means
 ``approximation``  one of the registered approximations (``kfac``, ``ekfac``)
 ``operations``     ``inverse``, ``logdet``, ``trace``, ``scores``
 ``damping``        ``product``, ``per_factor``, ``pi``, ``mean_eigenvalue``
+``distributed``    ``data-parallel``: ``compute`` works under ``torch.distributed``
+                   (``kfac-oracle check --world-size W``)
 =================  ==========================================================
 
 ``operations`` and ``damping`` are the exception to "missing means no restriction": a
@@ -48,6 +50,7 @@ OPERATIONS = ("inverse", "logdet", "trace", "scores")
 DAMPING = DampingConvention.values()
 # Operations that invert the damped block, so need a damping convention.
 DAMPED_OPERATIONS = ("inverse", "logdet", "scores")
+DISTRIBUTED = ("data-parallel",)
 
 
 def _approximations() -> tuple[str, ...]:
@@ -69,6 +72,7 @@ def _vocabulary(key: str) -> tuple[Any, ...] | None:
         "approximation": _approximations(),
         "operations": OPERATIONS,
         "damping": DAMPING,
+        "distributed": DISTRIBUTED,
     }[key]
 
 
@@ -89,6 +93,7 @@ class Capabilities:
     approximation: frozenset[str] | None = None
     operations: frozenset[str] | None = None
     damping: frozenset[str] | None = None
+    distributed: frozenset[str] | None = None
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:

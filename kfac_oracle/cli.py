@@ -13,12 +13,13 @@ passed; 1 when a check failed or errored, or when nothing passed (unless
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,14 +167,26 @@ def _cmd_check(args: argparse.Namespace) -> int:
         report.require_matplotlib()
     expected = expected_mod.load(args.xfail)
     cases = resolve_cases(args.cases, args.case_file)
-    select_items(cases, args.checks, args.families)  # usage errors before any work
-    session = Session.start(
-        args.impl,
-        time_limit,
-        args.isolation,
-        args.case_file,
-        single_batch=args.single_batch,
-    )
+    session: Any
+    run_checks: Callable[..., Any] = run
+    if args.world_size is not None:
+        from kfac_oracle.distributed import run as distributed
+
+        _distributed_options(args)
+        distributed.select_items(cases, args.checks)  # usage errors before any work
+        session = distributed.DistributedSession.start(
+            args.impl, args.world_size, time_limit, args.case_file
+        )
+        run_checks = functools.partial(distributed.run, world_size=args.world_size)
+    else:
+        select_items(cases, args.checks, args.families)  # usage errors before any work
+        session = Session.start(
+            args.impl,
+            time_limit,
+            args.isolation,
+            args.case_file,
+            single_batch=args.single_batch,
+        )
     label = f"{session.name} "
     progress = _Progress(not args.quiet, label)
     partial = Path(f"{json_path}.partial") if json_path else None
@@ -187,11 +200,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     interrupted = False
     try:
-        run(
+        run_checks(
             session.resolved,
-            cases,
+            cases=cases,
             checks=args.checks,
-            families=args.families,
+            **({} if args.world_size is not None else {"families": args.families}),
             expected_failures=expected,
             session=session,
             progress=collect,
@@ -263,6 +276,23 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _distributed_options(args: argparse.Namespace) -> None:
+    """Options that do not combine with ``--world-size`` are usage errors."""
+    from kfac_oracle.distributed.run import check_world_size
+
+    check_world_size(args.world_size)
+    for given, option in (
+        (args.single_batch, "--single-batch"),
+        (args.families is not None, "--families"),
+        (args.isolation == "none", "--isolation none"),
+    ):
+        if given:
+            raise UsageError(
+                f"{option} does not combine with --world-size (every rank is its own "
+                "process; the distributed checks are one family)"
+            )
+
+
 def _cmd_matrix(args: argparse.Namespace) -> int:
     from kfac_oracle.matrix import main as matrix_main
 
@@ -326,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="merge each case's batches into one (an optimizer's mathematics apart "
         "from its accumulation over batches)",
+    )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        metavar="W",
+        help="run the distributed checks instead: W >= 2 processes under "
+        "torch.distributed (gloo), each with its own shard of every case's data",
     )
     p.add_argument(
         "--threads",

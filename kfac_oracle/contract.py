@@ -44,7 +44,14 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from kfac_oracle.capabilities import DAMPING, LAYERS, LOSSES, OPERATIONS, REDUCTIONS
+from kfac_oracle.capabilities import (
+    DAMPING,
+    DISTRIBUTED,
+    LAYERS,
+    LOSSES,
+    OPERATIONS,
+    REDUCTIONS,
+)
 from kfac_oracle.flavours import BiasMode, FisherType, KFACApprox
 from kfac_oracle.problem import loss_terms_per_datum, reduction_factor
 
@@ -56,6 +63,7 @@ FULL_CAPABILITIES: dict[str, set[str]] = {
     "losses": set(LOSSES),
     "reductions": set(REDUCTIONS),
     "bias": {BiasMode.JOINT.value, BiasMode.SEPARATE.value},
+    "distributed": set(DISTRIBUTED),
 }
 # Every operation and damping convention (the built-in reference offers them too).
 OPERATION_CAPABILITIES: dict[str, set[str]] = {
@@ -110,6 +118,15 @@ class KFACRequest:
         info: Free-form extras (e.g. the case id), for logging only.
         operations: ``None`` for curvature (factors or blocks); else the operations
             wanted, and each layer's result is a :class:`LayerOperations`.
+        rank: This process's rank in a data-parallel run (``kfac-oracle check
+            --world-size W``), 0 otherwise.
+        world_size: The number of processes ``W`` of a data-parallel run, 1
+            otherwise. With ``W > 1`` the default ``torch.distributed`` process group
+            (gloo) is initialised before ``compute`` is called, ``data`` is this
+            rank's shard (shards differ in size), and ``num_data`` and
+            ``reduction_factor`` are those of the shard: ``N`` and ``R`` of the whole
+            data set need a collective. Every rank must return the factors over the
+            whole data set.
     """
 
     model: nn.Module
@@ -123,10 +140,12 @@ class KFACRequest:
     bias: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
     operations: OperationsRequest | None = None
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def num_data(self) -> int:
-        """Total number of data points N over all batches."""
+        """The number of data points over all batches (of this rank's shard)."""
         return sum(len(X) for X, _ in self.data)
 
     @property

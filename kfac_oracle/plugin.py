@@ -31,6 +31,7 @@ OPTIONS = (
     ("xfail", "expected failures: JSON {pattern: reason} or text 'pattern # reason'"),
     ("time_limit", "seconds per candidate call, or 'none' (default 60)"),
     ("isolation", "auto, process or none (default auto)"),
+    ("world_size", "run the distributed checks on W >= 2 processes"),
 )
 
 
@@ -141,6 +142,14 @@ def _suite(session: pytest.Session) -> ConformanceSuite | None:
 
         limit = parse_time_limit(str(_option(config, "time_limit") or "60"))
         expected = expected_mod.load(_option(config, "xfail"))
+        world_size = _option(config, "world_size") or None
+        if world_size is not None:
+            try:
+                world_size = int(world_size)
+            except ValueError:
+                raise UsageError(
+                    f"--kfac-world-size must be an integer, got {world_size!r}"
+                ) from None
         resolved, checks = check_items(
             spec,
             _option(config, "cases"),
@@ -150,6 +159,7 @@ def _suite(session: pytest.Session) -> ConformanceSuite | None:
             isolation=_option(config, "isolation") or "auto",
             case_files=case_files,
             single_batch=config.getoption("kfac_single_batch"),
+            world_size=world_size,
         )
         expected_mod.warn_unmatched(expected, [c.item.id for c in checks])
     except UsageError as error:

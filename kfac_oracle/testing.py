@@ -19,10 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kfac_oracle.checks.registry import CheckItem
 from kfac_oracle.runner.records import CheckRecord
+
+if TYPE_CHECKING:
+    from kfac_oracle.distributed.checks import DistItem
 
 __all__ = ["ConformanceCheck", "format_record", "parametrize_with_checks"]
 
@@ -44,11 +47,11 @@ class ConformanceCheck:
     """One check as a callable: ``AssertionError`` on failure, skip if unsupported.
 
     Args:
-        item: The check item.
+        item: The check item (a distributed one with ``world_size``).
         session: The run's session (candidate caller and references).
     """
 
-    def __init__(self, item: CheckItem, session: Any):
+    def __init__(self, item: CheckItem | DistItem, session: Any):
         self.item = item
         self.session = session
 
@@ -57,9 +60,15 @@ class ConformanceCheck:
 
     def run(self) -> CheckRecord:
         """Run the check and return its record."""
+        from kfac_oracle.distributed.checks import DistItem
+        from kfac_oracle.distributed.run import run_item as run_distributed_item
         from kfac_oracle.runner.run import run_item
 
-        record = run_item(self.item, self.session)
+        item = self.item
+        if isinstance(item, DistItem):
+            record = run_distributed_item(item, self.session)
+        else:
+            record = run_item(item, self.session)
         record.reproduce = self.session.reproduce(self.item)
         return record
 
@@ -83,8 +92,12 @@ def check_items(
     isolation: str = "auto",
     case_files: Sequence[str] = (),
     single_batch: bool = False,
+    world_size: int | None = None,
 ) -> tuple[Any, list[ConformanceCheck]]:
     """``(resolved implementation, [ConformanceCheck])`` sharing one session.
+
+    With ``world_size`` the checks are the distributed ones
+    (:mod:`kfac_oracle.distributed`), run on one process group of that size.
 
     Raises:
         UsageError: For an invalid implementation, capabilities, cases or selection.
@@ -92,6 +105,17 @@ def check_items(
     from kfac_oracle.runner.run import Session, resolve_cases, select_items
 
     case_list = resolve_cases(cases, case_files)
+    if world_size is not None:
+        from kfac_oracle.distributed import run as distributed
+
+        distributed.check_world_size(world_size)
+        dist_items = distributed.select_items(case_list, checks)
+        dist_session = distributed.DistributedSession.start(
+            impl, world_size, time_limit, case_files
+        )
+        return dist_session.resolved, [
+            ConformanceCheck(item, dist_session) for item in dist_items
+        ]
     items = select_items(case_list, checks, families)
     session = Session.start(
         impl, time_limit, isolation, case_files, single_batch=single_batch
@@ -109,6 +133,7 @@ def parametrize_with_checks(
     isolation: str = "auto",
     allow_nothing_passed: bool = False,
     single_batch: bool = False,
+    world_size: int | None = None,
 ) -> Any:
     """A ``pytest.mark.parametrize("check", ...)`` over every applicable check.
 
@@ -123,6 +148,8 @@ def parametrize_with_checks(
         isolation: ``"auto"``, ``"process"`` or ``"none"``.
         allow_nothing_passed: Do not fail the session when no check passes.
         single_batch: Merge each case's batches into one.
+        world_size: Run the distributed checks on this many processes instead
+            (``families``, ``isolation`` and ``single_batch`` do not apply).
 
     Raises:
         UsageError: At collection, for an invalid implementation, capabilities,
@@ -135,7 +162,14 @@ def parametrize_with_checks(
 
     expected = expected_mod.load(expected_failures)
     _, items = check_items(
-        impl, cases, checks, time_limit, families, isolation, single_batch=single_batch
+        impl,
+        cases,
+        checks,
+        time_limit,
+        families,
+        isolation,
+        single_batch=single_batch,
+        world_size=world_size,
     )
     expected_mod.warn_unmatched(expected, [c.item.id for c in items])
     params = []

@@ -9,6 +9,7 @@ from kfac_oracle.contract import (
     KroneckerFactors,
     LayerOperations,
 )
+from kfac_oracle.distributed.reference import DataParallelSteps
 from kfac_oracle.flavours import BiasMode, Flavour
 from kfac_oracle.problem import Problem
 from kfac_oracle.reference.kfac import KFACSteps
@@ -17,6 +18,9 @@ from kfac_oracle.reference.operations import KroneckerOperations
 
 class ReferenceKFAC:
     """kfac_oracle's own KFAC as a candidate: passes every applicable check.
+
+    In a data-parallel request (``world_size > 1``) it runs
+    :class:`~kfac_oracle.distributed.reference.DataParallelSteps`.
 
     Args:
         bias: ``"joint"`` or ``"separate"``, used when the request states none.
@@ -28,8 +32,9 @@ class ReferenceKFAC:
 
     name = "reference"
     capabilities = FULL_CAPABILITIES
-    steps_class = KFACSteps
+    steps_class: type[KFACSteps] = KFACSteps
     operations_class = KroneckerOperations
+    distributed_steps_class: type[KFACSteps] = DataParallelSteps
 
     def __init__(self, bias: str = "joint", operations: bool = False):
         self.bias = bias
@@ -58,9 +63,10 @@ class ReferenceKFAC:
             request.mc_samples,
             request.seed,
         )
-        factors = self.steps_class().factors(
-            problem, flavour, list(request.layers) or None
+        steps_class = (
+            self.distributed_steps_class if request.world_size > 1 else self.steps_class
         )
+        factors = steps_class().factors(problem, flavour, list(request.layers) or None)
         if request.operations is None:
             return factors
         convention = request.operations.convention

@@ -267,6 +267,14 @@ class KFACSteps:
                 for name in layers
             }
 
+    def total(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The sums over the whole data set (one process: the sums themselves)."""
+        return sums
+
+    def num_data(self, problem: Problem) -> int:
+        """``N``, the number of data of the whole data set."""
+        return problem.num_data
+
     def normalisation(self, num_data: int, positions: int, kfac_approx: str) -> float:
         """The divisor of ``A``: ``N·S`` for expand, ``N`` for reduce."""
         return num_data * positions if kfac_approx == KFACApprox.EXPAND else num_data
@@ -314,10 +322,12 @@ class KFACSteps:
                     g = g.reshape(-1, g.shape[-1])
                     _accumulate(G_sums, name, gram(g))
 
+        A_sums, G_sums = self.total(A_sums), self.total(G_sums)
+        num_data = self.num_data(problem)
         result = {}
         for name in layers:
             A = A_sums[name] / self.normalisation(
-                problem.num_data, positions[name], kfac_approx
+                num_data, positions[name], kfac_approx
             )
             if not fisher_type.info.backpropagates:
                 d_out = weight_shape_2d(problem.model.get_submodule(name))[0]
