@@ -6,8 +6,12 @@ the problem at hand (``N``, ``T``, ``N·T``, ``2`` for MSE, ``M`` for MC, ``S`` 
 ``S²`` with weight sharing, ``N/B_b``, and ``K``/``K²`` for per-batch factors summed
 over ``K`` equal batches). Real libraries combine mistakes, so an *explanation* is
 
-    c = s₁^{e₁}                  one atom, e ∈ {±1, ±2} (a squared scale: applied twice)
-    c = s₁^{e₁} · s₂^{e₂}        two atoms (docs/theory.md, "Combined pitfalls")
+    c = s^{±1}, or s^{±2} for N, T, M    one atom (squared: applied twice)
+    c = s₁^{±1} · s₂^{±1}                two atoms sharing no symbol, both too large
+                                         or both too small, except with the MSE 2
+
+(docs/theory.md, "Combined pitfalls"); a pitfall that only rescales the reference on
+the problem at hand joins the atoms with its factor (:mod:`.core`).
 
 Explanations are compared by their exponents over the *primitive* symbols (``N·T`` is
 ``N¹T¹``), so ``N·T`` and ``N × T`` are one explanation, named by the fewest atoms.
