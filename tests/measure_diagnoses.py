@@ -6,6 +6,13 @@ counts the failed records whose diagnosis names a cause, and those naming a wron
 (tests/diagnosis_readings.py)::
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python tests/measure_diagnoses.py
+
+On the ten cases below, 42 mutants (26 single, 8 new, 8 combined) fail 1926 block
+comparisons. Diagnoses of a single named pitfall or scale (before the combined and
+squared explanations) named a cause for 1467 of them (76.2 %), 113 of them a wrong
+one (coinciding scales named as one, e.g. ``T`` where ``T = 2`` is the MSE factor);
+with them, 1791 (93.0 %) name a cause and none a wrong one (single 96.6 % → 96.6 %,
+new 37.2 % → 85.7 %, combined 78.6 % → 93.7 %).
 """
 
 from __future__ import annotations
