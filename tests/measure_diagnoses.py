@@ -3,7 +3,8 @@
 Runs every mutant of tests/mutants.py (single pitfalls, the new ones and the combined
 ones) through the block comparisons (``agree_*``, ``exact_*``) of a set of cases and
 counts the failed records whose diagnosis names a cause, and those naming a wrong one
-(tests/diagnosis_readings.py)::
+(tests/diagnosis_readings.py); ``--all`` runs every case of the catalogue, ``-v``
+prints the wrong ones::
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python tests/measure_diagnoses.py
 
@@ -70,7 +71,12 @@ def main() -> None:
         "new": m.DIAGNOSIS_MUTANTS,
         "combined": m.COMBINED_MUTANTS,
     }
-    cases = [get_case(c) for c in CASES]
+    if "--all" in sys.argv:  # every case of the catalogue (slow)
+        from kfac_oracle.catalogue import load_cases
+
+        cases = load_cases()
+    else:
+        cases = [get_case(c) for c in CASES]
     total = {"failed": 0, "named": 0, "wrong": 0}
     for group, mutants in groups.items():
         counts = {"failed": 0, "named": 0, "wrong": 0}

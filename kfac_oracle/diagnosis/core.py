@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from kfac_oracle.conventions import kronecker_block, weight_shape_2d
+from kfac_oracle.conventions import weight_shape_2d
 from kfac_oracle.diagnosis.ekfac import ekfac_hypotheses
 from kfac_oracle.diagnosis.fit import FIT_RTOL, fit_scalar, precision_diagnosis
 from kfac_oracle.diagnosis.pitfalls import Hypothesis, kfac_hypotheses
@@ -37,7 +37,7 @@ from kfac_oracle.diagnosis.scales import (
 )
 from kfac_oracle.flavours import Flavour
 from kfac_oracle.problem import Problem
-from kfac_oracle.reference.kfac import KFACSteps
+from kfac_oracle.reference.approximations import approximation as registered
 
 NO_PITFALL = "no known pitfall explains this"
 # how :func:`~kfac_oracle.diagnosis.scales.describe_constant` says a constant is unnamed
@@ -72,7 +72,8 @@ def diagnose(
         mc_samples: M, for MC requests.
         seed: The seed, for MC requests.
         tolerance: The failed check's tolerance (relative Frobenius).
-        reference: The block the check compared with (default: reference KFAC).
+        reference: The block the check compared with (default: the reference of
+            ``approximation``).
         approximation: The candidate's approximation: the pitfalls of ``"kfac"`` and
             ``"ekfac"`` are known; for others only a constant factor is named.
     """
@@ -85,9 +86,7 @@ def diagnose(
 
     flavour = Flavour(fisher_type, kfac_approx, bias, mc_samples, seed)
     if reference is None:
-        reference = kronecker_block(
-            KFACSteps().factors(problem, flavour, [layer])[layer]
-        )
+        reference = registered(approximation).blocks(problem, flavour, [layer])[layer]
     B0 = masked(reference)
     if candidate.shape == B0.shape:
         err = (candidate - B0).norm().item() / max(B0.norm().item(), 1e-300)
