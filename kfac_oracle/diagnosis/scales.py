@@ -335,8 +335,9 @@ def describe_constant(c: float, explanations: list[ScaleExplanation]) -> str:
             f"readings of the named scales give it ({', '.join(formulas[:4])}, ...)"
         )
     listed = "; or ".join(x.describe() for x in every)
-    same = " = ".join(formulas)
-    return f"a constant factor ambiguous on this case ({same} = {c:.6g}): {listed}"
+    value = f"{c:.6g}"
+    same = " = ".join(formulas + ([] if value in formulas else [value]))
+    return f"a constant factor ambiguous on this case ({same}): {listed}"
 
 
 def named_scales(
