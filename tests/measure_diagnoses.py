@@ -13,7 +13,9 @@ comparisons. Diagnoses of a single named pitfall or scale (before the combined a
 squared explanations) named a cause for 1467 of them (76.2 %), 113 of them a wrong
 one (coinciding scales named as one, e.g. ``T`` where ``T = 2`` is the MSE factor);
 with them, 1791 (93.0 %) name a cause and none a wrong one (single 96.6 % → 96.6 %,
-new 37.2 % → 85.7 %, combined 78.6 % → 93.7 %).
+new 37.2 % → 85.7 %, combined 78.6 % → 93.7 %). On the whole catalogue (``--all``):
+12334 failed comparisons, 9530 (77.3 %) named with 774 wrong before, 11601 (94.1 %)
+named with none wrong after.
 """
 
 from __future__ import annotations
