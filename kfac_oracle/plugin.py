@@ -62,7 +62,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", f"{ALLOW_MARKER}: no conformance check passing is acceptable"
     )
-    _STATE.update(items=set(), passed=set(), allowed=False)
+    config.pluginmanager.register(_Verdict(config), "kfac-oracle-verdict")
 
 
 def _option(config: pytest.Config, name: str) -> Any:
@@ -184,34 +184,46 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Any:
     return report
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Count conformance items (by node id) and those that passed."""
-    if MARKER not in report.keywords:
-        return
-    if report.when == "call" or (report.when == "setup" and report.skipped):
-        _STATE["items"].add(report.nodeid)
-        if report.when == "call" and report.passed and not hasattr(report, "wasxfail"):
-            _STATE["passed"].add(report.nodeid)
-        if ALLOW_MARKER in report.keywords:
-            _STATE["allowed"] = True
+class _Verdict:
+    """Counts one session's conformance items and fails it when none passed.
 
+    One instance per pytest configuration (registered in :func:`pytest_configure`),
+    so that a pytest run inside another (``pytester``) never mixes their counts.
+    """
 
-_STATE: dict[str, Any] = {"items": set(), "passed": set(), "allowed": False}
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.items: set[str] = set()
+        self.passed: set[str] = set()
+        self.allowed = False
 
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Count conformance items (by node id) and those that passed."""
+        if MARKER not in report.keywords:
+            return
+        if report.when == "call" or (report.when == "setup" and report.skipped):
+            self.items.add(report.nodeid)
+            if (
+                report.when == "call"
+                and report.passed
+                and not hasattr(report, "wasxfail")
+            ):
+                self.passed.add(report.nodeid)
+            if ALLOW_MARKER in report.keywords:
+                self.allowed = True
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail a session in which no conformance check passed (on the controller)."""
-    config = session.config
-    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller decides
-        return
-    items, passed = _STATE["items"], _STATE["passed"]
-    if not items or passed or _STATE["allowed"]:
-        return
-    if config.getoption("kfac_allow_nothing_passed"):
-        return
-    if exitstatus == pytest.ExitCode.OK:
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        config.stash[_NOTHING] = len(items)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        """Fail a session in which no conformance check passed (on the controller)."""
+        config = self.config
+        if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller
+            return
+        if not self.items or self.passed or self.allowed:
+            return
+        if config.getoption("kfac_allow_nothing_passed"):
+            return
+        if exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+            config.stash[_NOTHING] = len(self.items)
 
 
 _NOTHING = pytest.StashKey[int]()
