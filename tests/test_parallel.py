@@ -117,9 +117,23 @@ def test_workers_have_the_records_and_exit_status_of_the_serial_run(
     assert "unexpectedly passed" in capsys.readouterr().out
 
 
+def test_no_cache_leaves_the_cache_alone(tmp_path, monkeypatch):
+    from kfac_oracle.runner import diskcache
+
+    monkeypatch.setenv("KFAC_ORACLE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(diskcache, "_enabled", True)  # restored after the test
+    args = ["check", "reference", "--cases", "one_datum_mse_mean", "-q"]
+    assert main([*args, "--families", "exactness", "--no-cache"]) == 0
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.setattr(diskcache, "_enabled", True)
+    assert main([*args, "--families", "exactness"]) == 0
+    assert list((tmp_path / "cache").iterdir())
+
+
 def _pytest(folder: Path, *args: str) -> list[dict]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["KFAC_ORACLE_CACHE"] = str(folder / "cache")
     out = folder / "records.json"
     cmd = [
         sys.executable,
@@ -142,7 +156,9 @@ def test_the_plugin_under_xdist_has_the_records_of_a_serial_run(serial, tmp_path
     pytest.importorskip("xdist")
     (tmp_path / "serial").mkdir()
     (tmp_path / "xdist").mkdir()
-    plugin_serial = _pytest(tmp_path / "serial")
+    plugin_serial = _pytest(tmp_path / "serial", "--kfac-no-cache")
     plugin_xdist = _pytest(tmp_path / "xdist", "-n", "2")
+    assert not (tmp_path / "serial" / "cache").exists()
+    assert list((tmp_path / "xdist" / "cache").iterdir())  # workers share a cache
     assert plugin_serial == serial  # the plugin's records are the command line's
     assert plugin_xdist == serial

@@ -133,7 +133,7 @@ def decode(key: Mapping[str, Any], data: bytes) -> Any:
     if hashlib.sha256(payload).hexdigest() != sha:
         raise InvalidEntry("payload checksum mismatch")
     try:
-        return torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+        return torch.load(io.BytesIO(payload), weights_only=True)
     except Exception as error:  # noqa: BLE001 - any load failure is an invalid entry
         raise InvalidEntry(f"payload does not load weights-only: {error}") from error
 
