@@ -13,7 +13,7 @@ import pytest
 from kfac_oracle.catalogue import load_cases
 from kfac_oracle.cli import main
 from kfac_oracle.errors import UsageError
-from kfac_oracle.runner.parallel import parse_shard, shard_cases
+from kfac_oracle.runner.parallel import child_arguments, parse_shard, shard_cases
 
 CASES = "one_datum_cro_mean,mc_zero_variance_bce_sum,deep_linear_d2_bias_mse_sum"
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +71,29 @@ def test_cli_usage_errors(args, capsys):
     code = main(["check", "reference", "--cases", CASES.split(",", 1)[1], *args])
     assert code == 2
     assert "--" in capsys.readouterr().err
+
+
+def test_worker_arguments_reproduce_the_options():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("impl")
+    parser.add_argument("--cases")
+    parser.add_argument("--case-file", action="append", default=[])
+    parser.add_argument("--flag", action="store_true")
+    parser.add_argument("--keep", action="store_false")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--many", nargs="+", default=None)
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("--opt", action=argparse.BooleanOptionalAction, default=None)
+    argv = ["x:Y", "--cases", "a*", "--case-file", "f1", "--case-file", "f2"]
+    argv += ["--flag", "--keep", "--threads", "0", "--many", "p", "q", "-vv"]
+    argv += ["--no-opt"]
+    args = parser.parse_args(argv)
+    out = child_arguments(args, parser, {"cases"})
+    again = parser.parse_args(out)
+    assert again.cases is None and vars(again) | {"cases": "a*"} == vars(args)
+    assert child_arguments(parser.parse_args(["x:Y"]), parser, set()) == ["x:Y"]
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5])

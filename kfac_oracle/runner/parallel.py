@@ -81,14 +81,26 @@ def child_arguments(
             positionals.append(str(value))
             continue
         flag = action.option_strings[-1]
-        if isinstance(action, argparse._StoreTrueAction):  # noqa: SLF001
-            out += [flag] if value else []
+        if value == action.default:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            out.append(action.option_strings[0 if value else 1])
+        elif isinstance(action, argparse._StoreConstAction):  # noqa: SLF001
+            out += [flag] if value == action.const else []  # store_true/false too
+        elif isinstance(action, argparse._CountAction):  # noqa: SLF001
+            out += [flag] * int(value or 0)
         elif isinstance(action, argparse._AppendAction):  # noqa: SLF001
             for item in value or []:
-                out += [flag, str(item)]
-        elif value is not None and value != action.default:
-            out += [flag, str(value)]
+                out += [flag, *_strings(item)]
+        elif value is not None:
+            out += [flag, *_strings(value)]
     return positionals + out
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [str(value)]
 
 
 @dataclass
