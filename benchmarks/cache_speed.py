@@ -142,12 +142,36 @@ def _pytest_run(cases: str | None, workers: int, out: Path) -> dict[str, float]:
     return {"wall": wall, "cpu": cpu, "load": os.getloadavg()[0]}
 
 
+def _burn(n: int) -> float:
+    start = time.perf_counter()
+    total = 0
+    for i in range(n):
+        total += i * i
+    return time.perf_counter() - start
+
+
+def capacity(workers: int, n: int = 20_000_000) -> float:
+    """How much faster ``workers`` CPU-bound processes finish ``workers`` equal jobs
+    than one process finishes one, times ``workers``: the parallelism the machine
+    offers at this moment (``workers`` on an idle machine with that many cores)."""
+    import multiprocessing
+
+    one = _burn(n)
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        start = time.perf_counter()
+        pool.map(_burn, [n] * workers)
+        many = time.perf_counter() - start
+    return workers * one / many
+
+
 def xdist_table(cases: str | None, workers: int) -> tuple[str, bool]:
     """Markdown table of a serial and an ``-n workers`` plugin run, back to back."""
     with tempfile.TemporaryDirectory() as tmp:
         serial_json, xdist_json = Path(tmp, "serial.json"), Path(tmp, "xdist.json")
+        before = capacity(workers)
         serial = _pytest_run(cases, 1, serial_json)
         xdist = _pytest_run(cases, workers, xdist_json)
+        after = capacity(workers)
 
         def load(path: Path) -> list[dict]:
             rows = json.loads(path.read_text()) if path.exists() else []
@@ -165,6 +189,8 @@ def xdist_table(cases: str | None, workers: int) -> tuple[str, bool]:
         "",
         f"-n {workers} vs serial: {serial['wall'] / xdist['wall']:.2f}x (wall); "
         f"records equal: {same}",
+        f"the machine's parallelism for {workers} CPU-bound processes: "
+        f"{before:.2f}x before, {after:.2f}x after",
     ]
     return "\n".join(lines), same
 
