@@ -2,12 +2,29 @@
 
 Each test process uses one intra-op thread: the catalogue's problems are tiny, and on
 a 2-core machine (or under pytest-xdist) OpenMP threads only wait for each other.
+
+The reference disk cache (kfac_oracle/runner/diskcache.py) of a test session is a
+fresh temporary folder, shared by the session's pytest-xdist workers (they inherit
+the environment) and removed at the end: no test reads or writes a user's cache. A
+test that patches reference code must pass ``disk=False`` to ``ReferenceCache`` or
+disable the cache (``diskcache.set_enabled(False)``).
 """
+
+import atexit
+import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+if "KFAC_ORACLE_TEST_CACHE" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="kfac-oracle-test-cache-")
+    os.environ["KFAC_ORACLE_TEST_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ["KFAC_ORACLE_CACHE"] = os.environ["KFAC_ORACLE_TEST_CACHE"]
 
 
 @pytest.fixture(autouse=True)

@@ -179,14 +179,19 @@ def _cmd_check(args: argparse.Namespace) -> int:
         )
         run_checks = functools.partial(distributed.run, world_size=args.world_size)
     else:
-        select_items(cases, args.checks, args.families)  # usage errors before any work
-        session = Session.start(
-            args.impl,
-            time_limit,
-            args.isolation,
-            args.case_file,
-            single_batch=args.single_batch,
-        )
+        cases, pool = _parallel(args, cases)
+        items = select_items(cases, args.checks, args.families)  # usage errors first
+        if pool:
+            session = pool(items)
+            run_checks = session.run
+        else:
+            session = Session.start(
+                args.impl,
+                time_limit,
+                args.isolation,
+                args.case_file,
+                single_batch=args.single_batch,
+            )
     label = f"{session.name} "
     progress = _Progress(not args.quiet, label)
     partial = Path(f"{json_path}.partial") if json_path else None
@@ -285,12 +290,51 @@ def _distributed_options(args: argparse.Namespace) -> None:
         (args.single_batch, "--single-batch"),
         (args.families is not None, "--families"),
         (args.isolation == "none", "--isolation none"),
+        (args.workers != 1, "--workers"),
+        (args.shard is not None, "--shard"),
     ):
         if given:
             raise UsageError(
                 f"{option} does not combine with --world-size (every rank is its own "
                 "process; the distributed checks are one family)"
             )
+
+
+def _parallel(args: argparse.Namespace, cases: list[Any]) -> tuple[list[Any], Any]:
+    """``--no-cache``, ``--shard i/n`` and ``--workers N`` (runner/parallel.py).
+
+    Returns the cases of the shard, and (with ``--workers``) a function of the
+    selected check items that starts the worker pool.
+    """
+    from kfac_oracle.runner import diskcache, parallel
+
+    if args.no_cache:
+        diskcache.set_enabled(False)
+    if args.shard:
+        cases = parallel.shard_cases(cases, *parallel.parse_shard(args.shard))
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.workers == 1:
+        return cases, None
+    if args.plots:
+        raise UsageError(
+            "--plots needs the failed blocks in this process: run without --workers"
+        )
+    from kfac_oracle.implementations import resolve
+
+    resolved = resolve(args.impl)
+    check = next(a for a in build_parser()._actions if a.dest == "command")
+    skip = {"cases", "shard", "workers", "json", "report", "show", "quiet"}
+    skip |= {"command", "func"}
+    argv = parallel.child_arguments(args, check.choices["check"], skip)  # type: ignore[index]
+
+    def pool(items: list[Any]) -> Any:
+        order = [item.id for item in items]
+        return parallel.WorkerPool(
+            resolved, argv, cases, order, args.workers, args.quiet
+        )
+
+    return cases, pool
 
 
 def _cmd_matrix(args: argparse.Namespace) -> int:
@@ -388,6 +432,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--show", type=int, default=20, help="failed checks listed with --verbose"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="do not read or write the reference disk cache (location: "
+        "$KFAC_ORACLE_CACHE, else $XDG_CACHE_HOME/kfac-oracle or "
+        "~/.cache/kfac-oracle)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="run the cases in N processes (records as in a serial run)",
+    )
+    p.add_argument(
+        "--shard",
+        default=None,
+        help="run only shard i of n of the selected cases ('i/n'); merge the "
+        "shards' --json files with 'kfac-oracle matrix --from'",
+    )
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser(

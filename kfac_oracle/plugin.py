@@ -10,16 +10,26 @@ option has an ini mirror (``kfac_impl = ...`` under ``[pytest]``). Nothing heavy
 
 For conformance items — these and ``parametrize_with_checks``' — a session in which
 none passed (everything unsupported) fails, unless ``--kfac-allow-nothing-passed``.
+
+Under pytest-xdist (``-n auto``) the checks of one case stay on one worker, in order
+(each item is in the ``xdist_group`` of its case, and ``--dist load``, which ``-n``
+implies, becomes ``--dist loadgroup``), so the records equal a serial run's;
+``--kfac-json FILE`` writes them (on the controller, in collection order).
+``--kfac-no-cache`` disables the reference disk cache
+(:mod:`kfac_oracle.runner.diskcache`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 MARKER = "kfac_oracle_check"
+RECORD = "kfac_oracle_record"
 ALLOW_MARKER = "kfac_oracle_allow_nothing_passed"
 
 OPTIONS = (
@@ -32,6 +42,7 @@ OPTIONS = (
     ("time_limit", "seconds per candidate call, or 'none' (default 60)"),
     ("isolation", "auto, process or none (default auto)"),
     ("world_size", "run the distributed checks on W >= 2 processes"),
+    ("json", "write the check records as JSON (serial and under pytest-xdist)"),
 )
 
 
@@ -54,6 +65,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="do not fail the session when no conformance check passed",
     )
+    group.addoption(
+        "--kfac-no-cache",
+        action="store_true",
+        default=False,
+        help="do not read or write the reference disk cache",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -63,6 +80,25 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", f"{ALLOW_MARKER}: no conformance check passing is acceptable"
     )
     config.pluginmanager.register(_Verdict(config), "kfac-oracle-verdict")
+    config.addinivalue_line(
+        "markers", "xdist_group(name): pytest-xdist runs a group on one worker"
+    )
+    if config.getoption("kfac_no_cache"):
+        from kfac_oracle.runner import diskcache
+
+        diskcache.set_enabled(False)
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        if workerinput.get("kfac_loadgroup"):
+            config.option.loadgroup = True
+    elif _option(config, "impl") and getattr(config.option, "dist", None) == "load":
+        config.option.dist = "loadgroup"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist: tell the workers that the checks are grouped by case."""
+    node.workerinput["kfac_loadgroup"] = node.config.option.dist == "loadgroup"
 
 
 def _option(config: pytest.Config, name: str) -> Any:
@@ -77,20 +113,45 @@ class ConformanceFailure(Exception):
 class ConformanceItem(pytest.Item):
     """One conformance check."""
 
-    def __init__(self, *, check: Any, reason: str | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        check: Any,
+        reason: str | None = None,
+        index: int = 0,
+        expected: dict[str, str] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.check = check
+        self.index = index
+        self.expected = expected or {}
         self.add_marker(MARKER)
+        self.add_marker(pytest.mark.xdist_group(check.item.case.id))
         if reason is not None:
             self.add_marker(pytest.mark.xfail(strict=True, reason=reason))
 
     def runtest(self) -> None:
         """Run the check; skip if unsupported."""
         record = self.check.run()
+        if _option(self.config, "json"):
+            self.user_properties.append((RECORD, self._json_record(record)))
         if record.status == "unsupported":
             pytest.skip(f"unsupported: {record.message}")
         if record.status in ("failed", "error"):
             raise ConformanceFailure(record)
+
+    def _json_record(self, record: Any) -> str:
+        """The record as ``kfac-oracle check --json`` writes it (statuses too)."""
+        import copy
+
+        from kfac_oracle.runner import expected as expected_mod
+
+        shown = copy.copy(record)
+        documented = self.check.session.resolved.documented
+        shown = expected_mod.apply_documented(shown, documented)
+        shown = expected_mod.apply(shown, self.expected)
+        return json.dumps({"index": self.index, "record": shown.as_dict()})
 
     def repr_failure(self, excinfo: Any, style: Any = None) -> Any:
         """The focused message for conformance failures."""
@@ -117,13 +178,19 @@ class ConformanceSuite(pytest.Collector):
         """One item per check."""
         from kfac_oracle.runner.expected import reason_for
 
-        for check in self._checks:
+        # pytest-xdist's --dist loadgroup reads the group from an ``@group`` suffix
+        # of the node id; it is set here, as not every pytest/xdist pair adds it.
+        grouped = bool(getattr(self.config.option, "loadgroup", False))
+        for index, check in enumerate(self._checks):
+            group = f"@{check.item.case.id}" if grouped else ""
             yield ConformanceItem.from_parent(
                 self,
                 name=check.item.id,
-                nodeid=f"{self.nodeid}::{check.item.id}",
+                nodeid=f"{self.nodeid}::{check.item.id}{group}",
                 check=check,
                 reason=reason_for(check.item.id, self._expected),
+                index=index,
+                expected=self._expected,
             )
 
 
@@ -196,11 +263,15 @@ class _Verdict:
         self.items: set[str] = set()
         self.passed: set[str] = set()
         self.allowed = False
+        self.records: list[dict[str, Any]] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Count conformance items (by node id) and those that passed."""
         if MARKER not in report.keywords:
             return
+        for name, value in report.user_properties if report.when == "call" else ():
+            if name == RECORD:
+                self.records.append(json.loads(str(value)))
         if report.when == "call" or (report.when == "setup" and report.skipped):
             self.items.add(report.nodeid)
             if (
@@ -213,10 +284,14 @@ class _Verdict:
                 self.allowed = True
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        """Fail a session in which no conformance check passed (on the controller)."""
+        """On the controller: write ``--kfac-json``; fail if no check passed."""
         config = self.config
         if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller
             return
+        path = _option(config, "json")
+        if path:
+            records = sorted(self.records, key=lambda r: r["index"])
+            Path(path).write_text(json.dumps([r["record"] for r in records], indent=1))
         if not self.items or self.passed or self.allowed:
             return
         if config.getoption("kfac_allow_nothing_passed"):

@@ -4,9 +4,18 @@ Exact blocks (GGN, empirical Fisher, ...) per case, layer and variant
 (:func:`kfac_oracle.reference.exact.curvature_block`), and the reference blocks of the
 candidate's approximation per flavour (:mod:`kfac_oracle.reference.approximations`),
 with the layers where that approximation has no unique answer.
+
+Within a run they are kept in memory; across runs, processes and implementations in
+the disk cache (:mod:`kfac_oracle.runner.diskcache`), keyed by the problem's content
+(:func:`~kfac_oracle.runner.diskcache.problem_fingerprint`), what is computed, and
+the environment. A cached value is the computed value, bit for bit.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -20,8 +29,25 @@ from kfac_oracle.reference.approximations import Approximation
 from kfac_oracle.reference.exact import curvature_block
 from kfac_oracle.reference.kfac import KFACSteps
 from kfac_oracle.reference.mc_draws import reference_draws
+from kfac_oracle.runner import diskcache
 from kfac_oracle.runner.caller import build_problem
 from kfac_oracle.statistics import NullModel
+
+T = TypeVar("T")
+
+
+def _nulls_to_disk(nulls: dict[str, dict[int, NullModel]]) -> dict:
+    return {
+        layer: {M: dataclasses.asdict(null) for M, null in by_m.items()}
+        for layer, by_m in nulls.items()
+    }
+
+
+def _nulls_from_disk(raw: dict) -> dict[str, dict[int, NullModel]]:
+    return {
+        str(layer): {int(M): NullModel(**null) for M, null in by_m.items()}
+        for layer, by_m in raw.items()
+    }
 
 
 class ReferenceCache:
@@ -30,6 +56,9 @@ class ReferenceCache:
     Args:
         approximation: The approximation the candidate computes.
         dtype: The problems' dtype.
+        single_batch: Merge each case's batches into one.
+        disk: The disk cache; by default :func:`~kfac_oracle.runner.diskcache.
+            default_cache` (``None`` when disabled), ``False`` for none.
     """
 
     def __init__(
@@ -37,10 +66,15 @@ class ReferenceCache:
         approximation: Approximation,
         dtype: torch.dtype = torch.float64,
         single_batch: bool = False,
+        disk: diskcache.DiskCache | None | bool = True,
     ):
         self.approximation = approximation
         self.dtype = dtype
         self.single_batch = single_batch
+        if disk is True:
+            disk = diskcache.default_cache()
+        self.disk: diskcache.DiskCache | None = disk or None
+        self._fingerprints: dict[tuple[str, str], str] = {}
         self._problems: dict[tuple[str, str], Problem] = {}
         self._exact: dict[tuple[str, str, str, str], Tensor] = {}
         self._blocks: dict[tuple[str, Flavour, str], dict[str, Tensor]] = {}
@@ -57,13 +91,64 @@ class ReferenceCache:
             )
         return self._problems[key]
 
+    def fingerprint(self, case: Case, variant: str = "base") -> str:
+        """The content hash of the case's problem under ``variant``.
+
+        A variant is a seeded, deterministic transformation of the base problem
+        (:mod:`kfac_oracle.checks.variants`, covered by the source fingerprint), so
+        its hash is that of the base problem and the variant's name: a warm run
+        builds no variant problem.
+        """
+        key = (case.id, variant)
+        if key not in self._fingerprints:
+            if variant == "base":
+                definition = {"case": case.as_dict()}
+                extra = (case.model, self.dtype, self.single_batch)
+                self._fingerprints[key] = diskcache.problem_fingerprint(
+                    self.problem(case), definition, extra
+                )
+            else:
+                base = self.fingerprint(case)
+                self._fingerprints[key] = diskcache.digest(
+                    {"base": base, "variant": variant}
+                )
+        return self._fingerprints[key]
+
+    def _cached(
+        self,
+        what: str,
+        case: Case,
+        variant: str,
+        detail: dict[str, Any],
+        compute: Callable[[], T],
+        to_disk: Callable[[T], Any] = lambda v: v,
+        from_disk: Callable[[Any], T] = lambda v: v,
+    ) -> T:
+        """``compute()`` through the disk cache (if any) under a content key."""
+        if self.disk is None:
+            return compute()
+        key = {
+            "what": what,
+            "problem": self.fingerprint(case, variant),
+            "dtype": str(self.dtype),
+            **detail,
+            "environment": diskcache.environment(),
+        }
+        return self.disk.get(key, compute, to_disk, from_disk)
+
     def exact_block(
         self, case: Case, layer: str, kind: str, variant: str = "base"
     ) -> Tensor:
         """The exact block ``kind`` (``"ggn"``, ``"empirical"``, ...) of ``layer``."""
         key = (case.id, layer, kind, variant)
         if key not in self._exact:
-            self._exact[key] = curvature_block(self.problem(case, variant), layer, kind)
+            self._exact[key] = self._cached(
+                "exact_block",
+                case,
+                variant,
+                {"layer": layer, "kind": kind},
+                lambda: curvature_block(self.problem(case, variant), layer, kind),
+            )
         return self._exact[key]
 
     def blocks(
@@ -72,8 +157,16 @@ class ReferenceCache:
         """The approximation's reference blocks of every layer of the case."""
         key = (case.id, flavour, variant)
         if key not in self._blocks:
-            problem = self.problem(case, variant)
-            self._blocks[key] = self.approximation.blocks(problem, flavour, case.layers)
+            approx = self.approximation
+            self._blocks[key] = self._cached(
+                "blocks",
+                case,
+                variant,
+                _detail(approx.name, flavour, case.layers),
+                lambda: approx.blocks(
+                    self.problem(case, variant), flavour, case.layers
+                ),
+            )
         return self._blocks[key]
 
     def factors(
@@ -96,8 +189,12 @@ class ReferenceCache:
         kfac = approximation("kfac")
         key = (case.id, flavour, f"kfac:{variant}")
         if key not in self._blocks:
-            self._blocks[key] = kfac.blocks(
-                self.problem(case, variant), flavour, case.layers
+            self._blocks[key] = self._cached(
+                "blocks",
+                case,
+                variant,
+                _detail(kfac.name, flavour, case.layers),
+                lambda: kfac.blocks(self.problem(case, variant), flavour, case.layers),
             )
         return self._blocks[key]
 
@@ -112,24 +209,42 @@ class ReferenceCache:
         """
         key = (case.id, str(kfac_approx), str(bias))
         if key not in self._nulls:
-            problem = self.problem(case)
-            mean = self.kfac_blocks(case, Flavour("type-2", kfac_approx, bias))
-            nulls: dict[str, dict[int, NullModel]] = {
-                layer: {} for layer in case.layers
+            detail = {
+                "kfac_approx": str(kfac_approx),
+                "bias": str(bias),
+                "layers": list(case.layers),
+                "plan": [list(map(int, p)) for p in statistics.PLAN],
+                "draws": statistics.REFERENCE_DRAWS,
+                "seed_offset": statistics.REFERENCE_SEED_OFFSET,
             }
-            for M, _ in statistics.PLAN:
-                flavour = Flavour(
-                    "mc", kfac_approx, bias, M, statistics.REFERENCE_SEED_OFFSET
-                )
-                draws = reference_draws(
-                    problem, flavour, statistics.REFERENCE_DRAWS, case.layers
-                )
-                for layer in case.layers:
-                    nulls[layer][M] = statistics.null_model(
-                        draws[layer], mean[layer], M
-                    )
-            self._nulls[key] = nulls
+            self._nulls[key] = self._cached(
+                "mc_nulls",
+                case,
+                "base",
+                detail,
+                lambda: self._compute_nulls(case, kfac_approx, bias),
+                _nulls_to_disk,
+                _nulls_from_disk,
+            )
         return self._nulls[key]
+
+    def _compute_nulls(
+        self, case: Case, kfac_approx: str, bias: str
+    ) -> dict[str, dict[int, NullModel]]:
+        """The null models of :meth:`mc_nulls`, computed."""
+        problem = self.problem(case)
+        mean = self.kfac_blocks(case, Flavour("type-2", kfac_approx, bias))
+        nulls: dict[str, dict[int, NullModel]] = {layer: {} for layer in case.layers}
+        for M, _ in statistics.PLAN:
+            flavour = Flavour(
+                "mc", kfac_approx, bias, M, statistics.REFERENCE_SEED_OFFSET
+            )
+            draws = reference_draws(
+                problem, flavour, statistics.REFERENCE_DRAWS, case.layers
+            )
+            for layer in case.layers:
+                nulls[layer][M] = statistics.null_model(draws[layer], mean[layer], M)
+        return nulls
 
     def ambiguous(
         self, case: Case, flavour: Flavour, variant: str = "base"
@@ -137,11 +252,31 @@ class ReferenceCache:
         """Layers where the approximation is not unique (nothing to compare with)."""
         key = (case.id, flavour, variant)
         if key not in self._ambiguous:
-            problem = self.problem(case, variant)
-            self._ambiguous[key] = self.approximation.ambiguous(
-                problem, flavour, case.layers
+            approx = self.approximation
+            self._ambiguous[key] = self._cached(
+                "ambiguous",
+                case,
+                variant,
+                _detail(approx.name, flavour, case.layers),
+                lambda: approx.ambiguous(
+                    self.problem(case, variant), flavour, case.layers
+                ),
+                sorted,
+                set,
             )
         return self._ambiguous[key]
+
+
+def _detail(approximation: str, flavour: Flavour, layers: list[str]) -> dict[str, Any]:
+    return {
+        "approximation": approximation,
+        "flavour": {f.name: str(getattr(flavour, f.name)) for f in _fields(flavour)},
+        "layers": list(layers),
+    }
+
+
+def _fields(flavour: Flavour) -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(flavour)
 
 
 __all__ = ["ReferenceCache"]
