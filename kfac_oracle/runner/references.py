@@ -8,15 +8,17 @@ with the layers where that approximation has no unique answer.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from kfac_oracle import statistics
 from kfac_oracle.catalogue import Case
 from kfac_oracle.flavours import Flavour
+from kfac_oracle.operators import exact_or_dense
 from kfac_oracle.problem import Problem
 from kfac_oracle.reference.approximations import Approximation
-from kfac_oracle.reference.exact import curvature_block
 from kfac_oracle.reference.mc_draws import reference_draws
 from kfac_oracle.runner.caller import build_problem
 from kfac_oracle.statistics import NullModel
@@ -56,11 +58,15 @@ class ReferenceCache:
 
     def exact_block(
         self, case: Case, layer: str, kind: str, variant: str = "base"
-    ) -> Tensor:
-        """The exact block ``kind`` (``"ggn"``, ``"empirical"``, ...) of ``layer``."""
+    ) -> Any:
+        """The exact block ``kind`` (``"ggn"``, ``"empirical"``, ...) of ``layer``.
+
+        A tensor, or an :class:`~kfac_oracle.operators.ExactOperator` for a block too
+        large to densify.
+        """
         key = (case.id, layer, kind, variant)
         if key not in self._exact:
-            self._exact[key] = curvature_block(self.problem(case, variant), layer, kind)
+            self._exact[key] = exact_or_dense(self.problem(case, variant), layer, kind)
         return self._exact[key]
 
     def blocks(
