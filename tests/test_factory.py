@@ -146,3 +146,11 @@ def test_factory_that_returns_no_module_is_a_case_error():
         )
         is None
     )
+
+
+def test_large_family_is_opt_in():
+    default = load_cases()
+    assert not any(c.opt_in or c.family == "large" for c in default)
+    assert not any(c.family == "large" for c in load_cases("*"))
+    large = load_cases("large*")
+    assert large and all(c.family == "large" for c in large)
