@@ -260,6 +260,7 @@ __all__ = [
     "exact_or_dense",
     "gaussian_probes",
     "is_operator",
+    "keep_one_result",
     "kronecker_or_dense",
     "layer_sizes",
     "too_large",
@@ -292,3 +293,8 @@ def dense_only_reason(case: Any, layer: str | None) -> str | None:
         f"the check needs dense blocks; {listed}{more} exceed the dense limit of "
         f"{DENSE_LIMIT} parameters (only matrix-free checks run on such blocks)"
     )
+
+
+def keep_one_result(case: Any) -> bool:
+    """Whether caches keep one result per case only (it has a matrix-free block)."""
+    return any(too_large(p) for p in layer_sizes(case).values())

@@ -16,7 +16,7 @@ from torch import Tensor
 from kfac_oracle import statistics
 from kfac_oracle.catalogue import Case
 from kfac_oracle.flavours import Flavour
-from kfac_oracle.operators import exact_or_dense
+from kfac_oracle.operators import exact_or_dense, keep_one_result
 from kfac_oracle.problem import Problem
 from kfac_oracle.reference.approximations import Approximation
 from kfac_oracle.reference.mc_draws import reference_draws
@@ -75,6 +75,10 @@ class ReferenceCache:
         """The approximation's reference blocks of every layer of the case."""
         key = (case.id, flavour, variant)
         if key not in self._blocks:
+            if keep_one_result(case):  # large factors: one flavour at a time
+                self._blocks = {
+                    k: v for k, v in self._blocks.items() if k[0] != case.id
+                }
             problem = self.problem(case, variant)
             self._blocks[key] = self.approximation.blocks(problem, flavour, case.layers)
         return self._blocks[key]
