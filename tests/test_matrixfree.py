@@ -263,3 +263,38 @@ def test_every_mutant_gets_the_same_verdicts_matrix_free(impl, monkeypatch):
     dense, _ = _verdicts(impl(), monkeypatch, operators.DENSE_LIMIT)
     free, _ = _verdicts(impl(), monkeypatch, 0)
     assert free == dense
+
+
+def test_caches_keep_one_result_per_case_with_large_blocks(monkeypatch):
+    from kfac_oracle.runner.run import Session
+
+    monkeypatch.setattr(operators, "DENSE_LIMIT", 0)
+    session = Session.start(ReferenceKFAC(), isolation="none")
+    try:
+        records = run(
+            None,
+            "deep_linear_d2_bias_mse_mean",
+            families=["agreement"],
+            session=session,
+        )
+        assert {r.status for r in records} == {"passed"}
+        kept = [k for k in session.caller._cache if k.case == records[0].case]
+        assert len(kept) == 1
+        assert len(session.references._blocks) == 1
+    finally:
+        session.close()
+
+
+def test_large_factor_semi_definiteness_by_cholesky():
+    from kfac_oracle.errors import CandidateError
+    from kfac_oracle.runner.validate import CHOLESKY_FROM, validate_matrix
+
+    n = CHOLESKY_FROM + 10
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(n, n // 2, generator=g, dtype=torch.float64)
+    M = X @ X.T  # semi-definite, rank n/2
+    validate_matrix("A", M, torch.float64, "cpu")
+    v = torch.randn(n, generator=g, dtype=torch.float64)
+    bad = M - 1e-3 * M.norm() * torch.outer(v, v) / v.dot(v)
+    with pytest.raises(CandidateError, match="not positive semi-definite"):
+        validate_matrix("A", bad, torch.float64, "cpu")
