@@ -118,6 +118,7 @@ def test_reference_passes_and_mutants_fail_at_factor_level():
     out = _compare(KroneckerOperator(scaled, 3, 4), ref)
     assert not out.passed and "exact, from the Kronecker factors" in out.message
     assert out.error == pytest.approx(1e-3, rel=1e-6)
+    assert out.diagnosis and "constant factor 1.001" in out.diagnosis
 
 
 def test_transposed_factors_fail():
@@ -157,6 +158,8 @@ def test_matvec_block_is_probed_and_compared(monkeypatch):
         assert isinstance(op, ProbedOperator)
         out = _compare(op, ref)
         assert out.passed is passes
+        if not passes:
+            assert out.diagnosis and "constant factor 1.01" in out.diagnosis
         assert "16 Gaussian probes" in out.message and "probability" in out.message
 
 

@@ -146,10 +146,12 @@ def compare_operators(
         and reference.factors.bias == "separate"
     ):
         reference = MaskedOperator(reference, n_w)
+    scale: float | None = None
     if _factor_level(candidate, reference):
         diff, ref = kronecker_distance(candidate, reference)
         err = diff / ref if ref > 0 else diff
         how = "exact, from the Kronecker factors"
+        scale = _factor_scale(candidate, reference, rtol)
     else:
         if isinstance(candidate, ProbedOperator):
             Z = candidate.probes
@@ -158,7 +160,9 @@ def compare_operators(
             Z = gaussian_probes(size, probes, reference_dtype(reference), "cpu")
         k = Z.shape[1]
         KZ_ref = reference.matmat(Z)
-        diff_sq = float(((candidate.matmat(Z) - KZ_ref) ** 2).sum()) / k
+        KZ = candidate.matmat(Z)
+        diff_sq = float(((KZ - KZ_ref) ** 2).sum()) / k
+        scale = _probed_scale(KZ, KZ_ref, rtol)
         exact_norm = isinstance(reference, KroneckerOperator)
         if exact_norm:
             ref_sq = _kronecker_norm_sq(reference)
@@ -182,8 +186,39 @@ def compare_operators(
         f"{message} > {rtol:.0e}; block of {n_w} weights"
         + (f" + {d_out} biases" if has_bias else "")
         + ", compared matrix-free",
-        diagnosis="no diagnosis: the block is compared matrix-free",
+        diagnosis=(
+            f"a constant factor {scale:.6g}: the block is {scale:.6g} × the reference"
+            if scale is not None
+            else "no diagnosis: the block is compared matrix-free"
+        ),
     )
+
+
+def _factor_scale(
+    c: KroneckerOperator, r: KroneckerOperator, rtol: float
+) -> float | None:
+    """``s₁/s₂`` when the unit-norm factors agree (a pure scale error), else None."""
+    if c.factors.bias == "separate":
+        return None
+    A1, G1 = c.factors.input_covariance, c.factors.gradient_covariance
+    A2, G2 = r.factors.input_covariance, r.factors.gradient_covariance
+    if min(A1.norm(), G1.norm(), A2.norm(), G2.norm()) == 0:
+        return None
+    dA = float((A1 / A1.norm() - A2 / A2.norm()).norm())
+    dG = float((G1 / G1.norm() - G2 / G2.norm()).norm())
+    if dA + dG > rtol:
+        return None
+    return float(G1.norm() * A1.norm() / (G2.norm() * A2.norm()))
+
+
+def _probed_scale(KZ: Tensor, KZ_ref: Tensor, rtol: float) -> float | None:
+    """The least-squares ``c`` with ``K Z ≈ c K_ref Z``, if it fits to ``rtol``."""
+    denom = float((KZ_ref**2).sum())
+    if denom == 0:
+        return None
+    c = float((KZ * KZ_ref).sum()) / denom
+    residual = float((KZ - c * KZ_ref).norm()) / (abs(c) * denom**0.5 or 1.0)
+    return c if residual <= rtol else None
 
 
 def _kronecker_norm_sq(op: KroneckerOperator) -> float:
