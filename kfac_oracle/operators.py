@@ -244,29 +244,6 @@ def exact_or_dense(problem: Any, layer: str, kind: str) -> Any:
     return curvature_block(problem, layer, kind)
 
 
-__all__ = [
-    "DENSE_LIMIT",
-    "OPERATOR_TYPES",
-    "PROBES",
-    "PROBE_SEED",
-    "BlockOperator",
-    "DenseOperator",
-    "ExactOperator",
-    "KroneckerOperator",
-    "MaskedOperator",
-    "ProbedOperator",
-    "block_size",
-    "dense_only_reason",
-    "exact_or_dense",
-    "gaussian_probes",
-    "is_operator",
-    "keep_one_result",
-    "kronecker_or_dense",
-    "layer_sizes",
-    "too_large",
-]
-
-
 def layer_sizes(case: Any) -> dict[str, int]:
     """``{layer: P}`` of a case's layers (cached on the case)."""
     cached = case.__dict__.get("_block_sizes")
@@ -298,3 +275,26 @@ def dense_only_reason(case: Any, layer: str | None) -> str | None:
 def keep_one_result(case: Any) -> bool:
     """Whether caches keep one result per case only (it has a matrix-free block)."""
     return any(too_large(p) for p in layer_sizes(case).values())
+
+
+__all__ = [
+    "DENSE_LIMIT",
+    "OPERATOR_TYPES",
+    "PROBES",
+    "PROBE_SEED",
+    "BlockOperator",
+    "DenseOperator",
+    "ExactOperator",
+    "KroneckerOperator",
+    "MaskedOperator",
+    "ProbedOperator",
+    "block_size",
+    "dense_only_reason",
+    "exact_or_dense",
+    "gaussian_probes",
+    "is_operator",
+    "keep_one_result",
+    "kronecker_or_dense",
+    "layer_sizes",
+    "too_large",
+]

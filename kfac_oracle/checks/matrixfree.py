@@ -157,7 +157,7 @@ def compare_operators(
             Z = candidate.probes
         else:
             size = candidate.size
-            Z = gaussian_probes(size, probes, reference_dtype(reference), "cpu")
+            Z = gaussian_probes(size, probes, *probe_format(reference))
         k = Z.shape[1]
         KZ_ref = reference.matmat(Z)
         KZ = candidate.matmat(Z)
@@ -229,16 +229,19 @@ def _kronecker_norm_sq(op: KroneckerOperator) -> float:
     return sq
 
 
-def reference_dtype(op: Any) -> torch.dtype:
-    """The dtype of an operator's numbers (probes are drawn in it)."""
+def probe_format(op: Any) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of an operator's numbers (probes are drawn in them)."""
     if isinstance(op, KroneckerOperator):
-        return op.factors.input_covariance.dtype
+        A = op.factors.input_covariance
+        return A.dtype, A.device
     if isinstance(op, DenseOperator):
-        return op.matrix.dtype
+        return op.matrix.dtype, op.matrix.device
     if isinstance(op, MaskedOperator):
-        return reference_dtype(op.operator)
+        return probe_format(op.operator)
     problem = getattr(getattr(op, "operator", None), "problem", None)
-    return problem.dtype if problem is not None else torch.float64
+    if problem is not None:
+        return problem.dtype, problem.device
+    return torch.float64, torch.device("cpu")
 
 
 __all__ = [
