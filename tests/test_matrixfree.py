@@ -37,8 +37,6 @@ from kfac_oracle.runner.run import run
 from kfac_oracle.runner.validate import LayerShape, materialize, validate
 from tests import mutants as m
 
-torch.set_default_dtype(torch.float64)
-
 
 def spd(n, seed):
     g = torch.Generator().manual_seed(seed)
