@@ -225,7 +225,9 @@ class Case:
         if cached is None:
             model = self.build_model()
             cached = {
-                name: type(model.get_submodule(name)).__name__
+                name: "Conv2d"
+                if isinstance(model.get_submodule(name), torch.nn.Conv2d)
+                else "Linear"
                 for name in kfac_layers(model)
             }
             self.__dict__["_layer_kinds"] = cached
