@@ -12,7 +12,7 @@ from kfac_oracle.architectures import PreNormBlock, SelfAttention
 from kfac_oracle.catalogue import builtin_case_dir, load_cases
 from kfac_oracle.reference.candidate import ReferenceKFAC
 from kfac_oracle.runner.run import run
-from tests.mutants import MSEHalf
+from tests.mutants import MUTANTS, MSEHalf
 
 
 def _large():
@@ -98,3 +98,35 @@ def test_a_mutant_is_caught_matrix_free_on_the_large_family():
     assert failed
     assert any("Gaussian probes" in r.message for r in failed)  # exactness
     assert any("Kronecker factors" in r.message for r in failed)  # agreement
+
+
+# Caught by agreement and exactness alone; the Monte-Carlo mutants and stale
+# parameters need the MC and invariance checks, which need dense blocks.
+DETERMINISTIC = {
+    "reduction_ignored",
+    "mse_mean_over_N",
+    "per_batch_reduction",
+    "mse_half",
+    "ef_for_type2",
+    "swapped_order",
+    "bias_first",
+    "bias_missing_one",
+    "equal_batch_weights",
+    "expand_norm_in_reduce",
+    "always_reduce",
+    "conv_no_padding",
+    "conv_kernel_order",
+    "first_batch_only",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mutant",
+    [m for m in MUTANTS if m.name in DETERMINISTIC],
+    ids=lambda m: m.name,
+)
+def test_deterministic_mutants_are_caught_matrix_free_on_a_large_case(mutant):
+    case = BY_ID["large_conv_pool_mse"]
+    records = run(mutant(), [case], families=MATRIX_FREE, isolation="none")
+    assert any(r.status in ("failed", "error") for r in records)
