@@ -31,7 +31,15 @@ import torch
 
 from kfac_oracle.capabilities import LOSSES, REDUCTIONS
 from kfac_oracle.errors import CaseError, UsageError
+from kfac_oracle.factory import (
+    ModelFactory,
+    build_from_factory,
+    describe_factory,
+    is_factory,
+    kfac_layers,
+)
 from kfac_oracle.flavours import FisherType, KFACApprox
+from kfac_oracle.independence import check_modes
 from kfac_oracle.models import build_model, describe
 from kfac_oracle.problem import Problem
 
@@ -100,7 +108,9 @@ class Case:
     Attributes:
         id: Stable identifier (used in test ids and records).
         family: Family name, e.g. ``"deep_linear"``.
-        model: Layer specs (:mod:`kfac_oracle.models`).
+        model: Layer specs (:mod:`kfac_oracle.models`), or a factory: a callable
+            returning any ``nn.Module`` (:mod:`kfac_oracle.factory`); its layers are
+            its ``nn.Linear`` and ``nn.Conv2d`` modules by name.
         input_shape: Shape of one datum's input.
         loss: ``"MSELoss"``, ``"CrossEntropyLoss"`` or ``"BCEWithLogitsLoss"``.
         reduction: ``"mean"`` or ``"sum"``.
@@ -111,11 +121,16 @@ class Case:
         identical_data: Repeat one datum ``N`` times (E1 with ``N > 1``).
         seed: Seed of the model and the data.
         description: One line on what the case exercises.
+        vocab: With a vocabulary size, inputs are integer token ids in
+            ``[0, vocab)`` of shape ``input_shape`` (for embeddings).
+        opt_in: Left out of the default catalogue; selected only by a ``--cases``
+            pattern with a literal part matching its id or family (the ``large``
+            family).
     """
 
     id: str
     family: str
-    model: list
+    model: list | ModelFactory
     input_shape: tuple[int, ...]
     loss: str
     reduction: str = "mean"
@@ -126,6 +141,8 @@ class Case:
     identical_data: bool = False
     seed: int = 0
     description: str = ""
+    vocab: int | None = None
+    opt_in: bool = False
 
     def __str__(self) -> str:
         return self.id
@@ -137,6 +154,8 @@ class Case:
 
     def build_model(self, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
         """The case's model with seeded parameters."""
+        if not isinstance(self.model, list | tuple):
+            return build_from_factory(self.model, seed=self.seed, dtype=dtype)
         return build_model(self.model, seed=self.seed, dtype=dtype)
 
     def build(
@@ -146,18 +165,22 @@ class Case:
     ) -> Problem:
         """The :class:`Problem`: model, loss module and seeded batches."""
         model = self.build_model(dtype).to(device)
+        check_modes(model)  # before running it on one datum
         loss_func = getattr(torch.nn, self.loss)(reduction=self.reduction)
         # Data are drawn in float32 on the CPU from the case's seed, then converted:
         # independent of torch's default dtype and device.
         generator = torch.Generator().manual_seed(self.seed + 1)
         N = self.num_data
         f32 = torch.float32
-        if self.identical_data:
-            X = torch.randn((1, *self.input_shape), generator=generator, dtype=f32)
-            X = X.expand(N, *self.input_shape).clone()
+        first = 1 if self.identical_data else N
+        if self.vocab is not None:
+            X = torch.randint(
+                0, self.vocab, (first, *self.input_shape), generator=generator
+            )
         else:
-            X = torch.randn((N, *self.input_shape), generator=generator, dtype=f32)
-        X = X.to(dtype=dtype, device=device)
+            X = torch.randn((first, *self.input_shape), generator=generator, dtype=f32)
+        X = X.expand(N, *self.input_shape).clone()
+        X = X.to(dtype=dtype if X.dtype.is_floating_point else X.dtype, device=device)
         with torch.no_grad():
             out_shape = model(X[:1]).shape[1:]
         y = self._targets(out_shape, N, generator)
@@ -183,6 +206,8 @@ class Case:
     @property
     def layers(self) -> list[str]:
         """Names of the case's Linear and Conv2d modules."""
+        if not isinstance(self.model, list | tuple):
+            return list(self._factory_layers())
         return [
             str(i) for i, s in enumerate(self.model) if s[0] in ("Linear", "Conv2d")
         ]
@@ -190,7 +215,23 @@ class Case:
     @property
     def layer_kinds(self) -> set[str]:
         """The module kinds of :attr:`layers` (``"Linear"``, ``"Conv2d"``)."""
+        if not isinstance(self.model, list | tuple):
+            return set(self._factory_layers().values())
         return {self.model[int(name)][0] for name in self.layers}
+
+    def _factory_layers(self) -> dict[str, str]:
+        """``{name: kind}`` of a factory model's KFAC layers (cached)."""
+        cached = self.__dict__.get("_layer_kinds")
+        if cached is None:
+            model = self.build_model()
+            cached = {
+                name: "Conv2d"
+                if isinstance(model.get_submodule(name), torch.nn.Conv2d)
+                else "Linear"
+                for name in kfac_layers(model)
+            }
+            self.__dict__["_layer_kinds"] = cached
+        return cached
 
     @property
     def output_ndim(self) -> int:
@@ -217,7 +258,9 @@ class Case:
         return {
             "id": self.id,
             "family": self.family,
-            "model": describe(self.model),
+            "model": describe(self.model)
+            if isinstance(self.model, list | tuple)
+            else describe_factory(self.model),
             "input_shape": list(self.input_shape),
             "loss": self.loss,
             "reduction": self.reduction,
@@ -348,15 +391,35 @@ def validate_case(case: Case, origin: str = "case", build: bool = True) -> None:
         )
     ):
         fail(f"batch_sizes must be a non-empty tuple of positive ints, got {sizes!r}")
-    if not isinstance(case.model, list | tuple) or not case.model:
-        fail("model must be a non-empty list of layer specs")
-    layers = set(case.layers)
-    if not layers:
-        fail("the model has no Linear or Conv2d layer")
+    if not is_factory(case.model) and (
+        not isinstance(case.model, list | tuple) or not case.model
+    ):
+        fail(
+            "model must be a non-empty list of layer specs or a factory returning "
+            "an nn.Module"
+        )
+    if case.vocab is not None and (
+        not isinstance(case.vocab, int)
+        or isinstance(case.vocab, bool)
+        or case.vocab < 1
+    ):
+        fail(f"vocab must be a positive int, got {case.vocab!r}")
+    # A factory's layers need its model: built-in factory cases (tested by the
+    # project) are not built when loaded; their claims' layers are checked in tests.
+    layers: set[str] | None = None
+    if build or isinstance(case.model, list | tuple):
+        try:
+            layers = set(case.layers)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # noqa: BLE001 - a factory may raise anything
+            fail(f"cannot build its model: {_describe(error)}")
+        if not layers:
+            fail("the model has no Linear or Conv2d layer")
     if not isinstance(case.claims, dict):
         fail("claims must be a dict {layer name: [Claim, ...]}")
     for layer, claims in case.claims.items():
-        if layer not in layers:
+        if layers is not None and layer not in layers:
             fail(f"claims name layer {layer!r}, which is not one of {sorted(layers)}")
         for claim in claims:
             if not isinstance(claim, Claim):
@@ -395,6 +458,8 @@ def load_cases(
     Args:
         pattern: Patterns on case ids or families (comma-separated alternatives,
             ``*`` and ``?`` wildcards), e.g. ``"deep_linear*,conv*"``.
+            Opt-in cases (``opt_in=True``, the ``large`` family) are left out
+            unless a pattern with a literal part (not only wildcards) matches them.
         extra_files: More case files or folders (besides ``KFAC_ORACLE_CASES``).
 
     Raises:
@@ -421,14 +486,20 @@ def load_cases(
         cases = [
             c
             for c in cases
-            if any(matches(c.id, p) or matches(c.family, p) for p in pats)
+            if any(
+                (matches(c.id, p) or matches(c.family, p))
+                and (not c.opt_in or p.strip("*?"))
+                for p in pats
+            )
         ]
+    else:
+        cases = [c for c in cases if not c.opt_in]
     return cases
 
 
 def get_case(case_id: str) -> Case:
     """The case with id ``case_id``."""
-    for case in load_cases():
+    for case in load_cases(case_id):
         if case.id == case_id:
             return case
     raise CaseError(f"no case with id {case_id!r}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from kfac_oracle import independence
 from kfac_oracle.capabilities import LOSSES as SUPPORTED_LOSSES
 from kfac_oracle.errors import ProblemError
 
@@ -129,8 +130,11 @@ def validate_problem(
 
     Checks: a supported loss with reduction ``"mean"`` or ``"sum"``; a non-empty list
     of ``(X, y)`` pairs of tensors; matching batch sizes; finite floating inputs in the
-    parameters' dtype and device; label and target shapes and values that the loss
-    accepts, verified by evaluating the model and the loss on every batch.
+    parameters' dtype and device (or integer token ids); label and target shapes and
+    values that the loss accepts, verified by evaluating the model and the loss on
+    every batch; per-datum independence (:mod:`kfac_oracle.independence`): no
+    module that mixes data in training mode and, with ``check_outputs``, the largest
+    batch's output equal to the outputs of its data run one at a time.
     """
     name = type(loss_func).__name__
     if name not in SUPPORTED_LOSSES:
@@ -154,6 +158,7 @@ def validate_problem(
             raise ProblemError(f"parameter of dtype {p.dtype}; expected floating point")
         if not torch.isfinite(p).all():
             raise ProblemError("the model's parameters contain NaN or inf")
+    independence.check_modes(model)
     per_datum_shape = None
     for b, batch in enumerate(data):
         if not (isinstance(batch, list | tuple) and len(batch) == 2):
@@ -166,7 +171,7 @@ def validate_problem(
                 f"batch {b}: X of shape {tuple(X.shape)} and y of shape "
                 f"{tuple(y.shape)} must have the same non-zero batch size (dim 0)"
             )
-        if X.dtype != dtype:
+        if X.dtype != dtype and X.dtype.is_floating_point:
             raise ProblemError(
                 f"batch {b}: X has dtype {X.dtype} but the parameters {dtype}"
             )
@@ -190,6 +195,9 @@ def validate_problem(
             with torch.no_grad():
                 output = model(X)
             validate_output(name, output, y, b)
+    if check_outputs:
+        largest = max(range(len(data)), key=lambda i: data[i][0].shape[0])
+        independence.check_per_datum(model, data[largest][0], largest)
 
 
 def _validate_targets(name: str, y: Tensor, b: int) -> None:

@@ -37,7 +37,7 @@ def every_flavour(case: Case) -> Iterator[Target]:
                 yield Target(f"agree_{ft}_{approx}", layer, str(ft), str(approx))
 
 
-@check(targets=every_flavour, diagnose=diagnose_layer)
+@check(targets=every_flavour, diagnose=diagnose_layer, matrix_free=True)
 def agree(ctx: CheckContext, *, fisher_type: str, kfac_approx: str) -> Outcome:
     """The candidate equals the reference of its approximation and flavour.
 

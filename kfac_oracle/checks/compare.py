@@ -3,16 +3,19 @@
 With ``bias="separate"`` a candidate drops the weight-bias cross terms on purpose: the
 diagonal sub-blocks (weight-weight, bias-bias) of joint and separate KFAC coincide, so
 the comparison masks the cross terms of the reference. A module with a bias whose
-result declares ``bias="none"`` fails: the bias block is missing.
+result declares ``bias="none"`` fails: the bias block is missing. Blocks too large to
+densify (operators) are compared matrix-free (:mod:`kfac_oracle.checks.matrixfree`).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
+from kfac_oracle.checks.matrixfree import compare_operators
 from kfac_oracle.checks.outcome import Outcome
 from kfac_oracle.conventions import weight_shape_2d
 from kfac_oracle.flavours import BiasMode
+from kfac_oracle.operators import is_operator
 
 EXACT_RTOL = 1e-10
 
@@ -48,6 +51,8 @@ def compare_blocks(
 
     The outcome carries both blocks (for plots) when the comparison fails.
     """
+    if is_operator(candidate) or is_operator(reference):
+        return compare_operators(candidate, reference, bias_mode, module, what, rtol)
     has_bias = getattr(module, "bias", None) is not None
     if has_bias and bias_mode == BiasMode.NONE:
         d_out, d_in = weight_shape_2d(module)

@@ -41,7 +41,7 @@ def positive_claims(case: Case) -> Iterator[Target]:
             )
 
 
-@check(targets=positive_claims, diagnose=diagnose_layer)
+@check(targets=positive_claims, diagnose=diagnose_layer, matrix_free=True)
 def exact(
     ctx: CheckContext, *, fisher_type: str, kfac_approx: str, kind: str, claim: str
 ) -> Outcome:

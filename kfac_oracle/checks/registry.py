@@ -38,7 +38,15 @@ if TYPE_CHECKING:
     from kfac_oracle.checks.outcome import Outcome
 
 # Modules of kfac_oracle.checks that are infrastructure, not families.
-_INFRASTRUCTURE = {"registry", "context", "outcome", "compare", "variants", "diagnose"}
+_INFRASTRUCTURE = {
+    "registry",
+    "context",
+    "outcome",
+    "compare",
+    "variants",
+    "diagnose",
+    "matrixfree",
+}
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,8 @@ class CheckSpec:
             candidates that say they honour these request fields.
         diagnose: ``diagnose(ctx, outcome, **target.params) -> str | None``, called
             when the check fails, to name the cause.
+        matrix_free: Whether the check works on blocks too large to densify
+            (:mod:`kfac_oracle.operators`); other checks are unsupported there.
     """
 
     function: CheckFunction
@@ -113,6 +123,7 @@ class CheckSpec:
     targets: Callable[[Case], Iterable[Target]]
     needs: Mapping[str, frozenset[str]] = field(default_factory=dict)
     diagnose: Diagnose | None = None
+    matrix_free: bool = False
 
     @property
     def name(self) -> str:
@@ -160,6 +171,7 @@ def check(
     targets: Callable[[Case], Iterable[Target]],
     needs: Mapping[str, Iterable[str]] | None = None,
     diagnose: Diagnose | None = None,
+    matrix_free: bool = False,
 ) -> Callable[[CheckFunction], CheckFunction]:
     """Register a check function of the calling family module.
 
@@ -167,6 +179,7 @@ def check(
         targets: Which targets the check has in a case.
         needs: Further capabilities the check requires.
         diagnose: Names the cause of a failure.
+        matrix_free: The check also compares blocks too large to densify.
     """
 
     def register(function: CheckFunction) -> CheckFunction:
@@ -177,6 +190,7 @@ def check(
             targets=targets,
             needs={k: frozenset(v) for k, v in (needs or {}).items()},
             diagnose=diagnose,
+            matrix_free=matrix_free,
         )
         _CHECKS[:] = [c for c in _CHECKS if c.function is not function]
         _CHECKS.append(spec)

@@ -71,7 +71,20 @@ def make_variant(problem: Problem, variant: str) -> Problem:
                 p.add_(0.5 * noise.to(p.device))
         return Problem(model, problem.loss_func, problem.data)
     if variant == "flatten":
-        model = torch.nn.Sequential(*list(problem.model.children()), torch.nn.Flatten())
+        if isinstance(problem.model, torch.nn.Sequential):
+            model = torch.nn.Sequential(
+                *list(problem.model.children()), torch.nn.Flatten()
+            )
+        else:  # any module: flatten its output in a hook (module names unchanged)
+            model = copy.deepcopy(problem.model)
+            model.register_forward_hook(_flatten_output)
         data = [(Xb, yb.flatten(1)) for Xb, yb in problem.data]
         return Problem(model, problem.loss_func, data)
     raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}")
+
+
+def _flatten_output(
+    module: torch.nn.Module, args: tuple, output: torch.Tensor
+) -> torch.Tensor:
+    """Forward hook: ``output.flatten(1)``."""
+    return output.flatten(1)

@@ -19,7 +19,9 @@ import torch
 from torch import Tensor
 
 from kfac_oracle.conventions import kronecker_block
+from kfac_oracle.errors import Unsupported
 from kfac_oracle.flavours import FisherType, Flavour
+from kfac_oracle.operators import block_size, kronecker_or_dense, too_large
 from kfac_oracle.problem import Problem
 from kfac_oracle.reference.ekfac import ekfac, ekfac_block
 from kfac_oracle.reference.kfac import KFACSteps
@@ -54,7 +56,11 @@ class Approximation:
     ) -> dict[str, Tensor]:
         """Canonical reference blocks ``{layer: block}`` of a flavour."""
         factors = KFACSteps().factors(problem, flavour, layers)
-        return {name: kronecker_block(f) for name, f in factors.items()}
+        model = problem.model
+        return {
+            name: kronecker_or_dense(f, model.get_submodule(name))
+            for name, f in factors.items()
+        }
 
     def ambiguous(
         self, problem: Problem, flavour: Flavour, layers: Sequence[str]
@@ -107,7 +113,18 @@ class EKFACApproximation(Approximation):
     def blocks(
         self, problem: Problem, flavour: Flavour, layers: Sequence[str]
     ) -> dict[str, Tensor]:
-        """Dense EKFAC blocks ``Q diag(Λ) Qᵀ``."""
+        """Dense EKFAC blocks ``Q diag(Λ) Qᵀ``.
+
+        Raises:
+            Unsupported: For a block too large to densify (no EKFAC operator yet).
+        """
+        for name in layers:
+            size = block_size(problem.model.get_submodule(name))
+            if too_large(size):
+                raise Unsupported(
+                    f"layer {name!r}: the EKFAC reference is dense and its block "
+                    f"({size} parameters) too large to densify"
+                )
         factors = ekfac(problem, flavour, layers)
         return {name: ekfac_block(f) for name, f in factors.items()}
 

@@ -22,6 +22,7 @@ from kfac_oracle.catalogue import Case
 from kfac_oracle.checks.variants import make_variant
 from kfac_oracle.contract import KFACRequest, OperationsRequest
 from kfac_oracle.errors import CandidateError, CandidateUnsupported, UsageError
+from kfac_oracle.operators import keep_one_result
 from kfac_oracle.problem import Problem
 from kfac_oracle.runner import isolation
 from kfac_oracle.runner.call import CallReport, guarded_call
@@ -145,11 +146,21 @@ class CandidateCaller:
     def result(self, case: Case, key: RequestKey) -> CandidateResult:
         """The candidate's validated result for ``key`` (cached, failures too).
 
+        For a case with blocks too large to densify only the latest result is kept
+        (:func:`~kfac_oracle.operators.keep_one_result`): its factors can take
+        gigabytes, and the matrix-free checks use one request at a time.
+
         Raises:
             CandidateUnsupported: The candidate raised ``NotImplementedError``.
             CandidateError: It failed otherwise (message names the cause).
         """
         if key not in self._cache:
+            if keep_one_result(case):
+                self._cache = {
+                    k: v
+                    for k, v in self._cache.items()
+                    if k.case != case.id or isinstance(v, CandidateError)
+                }
             self._cache[key] = self._call(case, key)
         result = self._cache[key]
         if isinstance(result, CandidateError):

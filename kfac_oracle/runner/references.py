@@ -24,9 +24,9 @@ from kfac_oracle import statistics
 from kfac_oracle.catalogue import Case
 from kfac_oracle.contract import KroneckerFactors
 from kfac_oracle.flavours import Flavour
+from kfac_oracle.operators import exact_or_dense, keep_one_result
 from kfac_oracle.problem import Problem
 from kfac_oracle.reference.approximations import Approximation
-from kfac_oracle.reference.exact import curvature_block
 from kfac_oracle.reference.kfac import KFACSteps
 from kfac_oracle.reference.mc_draws import reference_draws
 from kfac_oracle.runner import diskcache
@@ -138,17 +138,27 @@ class ReferenceCache:
 
     def exact_block(
         self, case: Case, layer: str, kind: str, variant: str = "base"
-    ) -> Tensor:
-        """The exact block ``kind`` (``"ggn"``, ``"empirical"``, ...) of ``layer``."""
+    ) -> Any:
+        """The exact block ``kind`` (``"ggn"``, ``"empirical"``, ...) of ``layer``.
+
+        A tensor, or an :class:`~kfac_oracle.operators.ExactOperator` for a block too
+        large to densify.
+        """
         key = (case.id, layer, kind, variant)
         if key not in self._exact:
-            self._exact[key] = self._cached(
-                "exact_block",
-                case,
-                variant,
-                {"layer": layer, "kind": kind},
-                lambda: curvature_block(self.problem(case, variant), layer, kind),
-            )
+            def compute_exact() -> Any:
+                return exact_or_dense(self.problem(case, variant), layer, kind)
+
+            if keep_one_result(case):  # matrix-free operators: not cached on disk
+                self._exact[key] = compute_exact()
+            else:
+                self._exact[key] = self._cached(
+                    "exact_block",
+                    case,
+                    variant,
+                    {"layer": layer, "kind": kind},
+                    compute_exact,
+                )
         return self._exact[key]
 
     def blocks(
@@ -158,15 +168,22 @@ class ReferenceCache:
         key = (case.id, flavour, variant)
         if key not in self._blocks:
             approx = self.approximation
-            self._blocks[key] = self._cached(
-                "blocks",
-                case,
-                variant,
-                _detail(approx.name, flavour, case.layers),
-                lambda: approx.blocks(
-                    self.problem(case, variant), flavour, case.layers
-                ),
-            )
+            if keep_one_result(case):  # large factors: one flavour at a time, in memory
+                self._blocks = {
+                    k: v for k, v in self._blocks.items() if k[0] != case.id
+                }
+                problem = self.problem(case, variant)
+                self._blocks[key] = approx.blocks(problem, flavour, case.layers)
+            else:
+                self._blocks[key] = self._cached(
+                    "blocks",
+                    case,
+                    variant,
+                    _detail(approx.name, flavour, case.layers),
+                    lambda: approx.blocks(
+                        self.problem(case, variant), flavour, case.layers
+                    ),
+                )
         return self._blocks[key]
 
     def factors(

@@ -30,6 +30,7 @@ from kfac_oracle.errors import (
     Unsupported,
 )
 from kfac_oracle.implementations import Resolved, resolve
+from kfac_oracle.operators import dense_only_reason
 from kfac_oracle.reference.approximations import approximation
 from kfac_oracle.runner import expected as expected_failures_
 from kfac_oracle.runner.caller import CandidateCaller
@@ -125,6 +126,10 @@ def unsupported_reason(item: CheckItem, ctx: CheckContext) -> str | None:
         target.fisher_type
     ):
         return ctx.approximation.unsupported_reason(target.fisher_type)
+    if not item.spec.matrix_free:
+        reason = dense_only_reason(item.case, item.layer)
+        if reason:
+            return reason
     for key, values in item.spec.needs.items():
         allowed = ctx.capabilities.allowed(key)
         if allowed is None or not values <= allowed:

@@ -7,10 +7,13 @@ with process isolation, inside its process):
    layer is looked up (lazy mappings evaluated), factors and dense blocks are copied
    (contiguous, detached: a candidate that reuses its output buffers cannot change a
    result the harness already holds), ``MatVecBlock`` s are densified after their
-   claimed size has been checked against the layer's, numpy arrays become tensors.
+   claimed size has been checked against the layer's — or, for a block too large to
+   densify (:data:`~kfac_oracle.operators.DENSE_LIMIT`), applied to the oracle's
+   fixed Gaussian probes only — numpy arrays become tensors.
 2. :func:`validate` checks the copies against the contract (shapes, dtype, device,
    finite, symmetric, positive semi-definite) and turns them into canonical blocks
-   ``[rvec(W), b]`` (docs/theory.md §3).
+   ``[rvec(W), b]`` (docs/theory.md §3): dense tensors, or for large blocks
+   operators (:mod:`kfac_oracle.operators`) that are never densified.
 
 For a request of operations, step 1 calls each layer's
 :class:`~kfac_oracle.contract.LayerOperations` at the request's dampings and vectors
@@ -38,9 +41,19 @@ from kfac_oracle.contract import (
     MatVecBlock,
     OperationsRequest,
 )
-from kfac_oracle.conventions import canonical_block, weight_shape_2d
+from kfac_oracle.conventions import (
+    canonical_block,
+    cvec_to_rvec_permutation,
+    weight_shape_2d,
+)
 from kfac_oracle.errors import CandidateError
 from kfac_oracle.flavours import BiasMode
+from kfac_oracle.operators import (
+    KroneckerOperator,
+    ProbedOperator,
+    gaussian_probes,
+    too_large,
+)
 
 
 @dataclass(frozen=True)
@@ -86,9 +99,11 @@ class PlainResult:
 
     Attributes:
         kind: ``"factors"``, ``"dense"`` (a densified ``MatVecBlock`` too) or
+            ``"probed"`` (a large ``MatVecBlock`` applied to the probes), or
             ``"operations"``.
-        tensors: ``{"A", "G", "bias_covariance"}``, ``{"matrix"}``, or the values of
-            the operations (:func:`materialize_operations`).
+        tensors: ``{"A", "G", "bias_covariance"}``, ``{"matrix"}``,
+            ``{"probes", "products"}`` (canonical layout), or the values of the
+            operations (:func:`materialize_operations`).
         bias: The declared bias mode (factors) or ``"joint"``/``"none"`` (blocks).
         layout: ``"rvec"`` or ``"cvec"`` (blocks).
     """
@@ -105,9 +120,11 @@ class CandidateResult:
 
     ``operations`` holds, for a request of operations, ``{layer: {operation:
     values}}`` as :func:`materialize_operations` describes them.
+
+    A block is a dense tensor, or an operator for a block too large to densify.
     """
 
-    blocks: dict[str, Tensor]
+    blocks: dict[str, Any]
     bias: dict[str, str]
     operations: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
@@ -131,9 +148,17 @@ def _copy(what: str, value: Any) -> Tensor:
 
 
 def _densify(
-    what: str, block: MatVecBlock, shape: LayerShape, dtype: torch.dtype, device: Any
+    what: str,
+    block: MatVecBlock,
+    shape: LayerShape,
+    dtype: torch.dtype,
+    device: Any,
+    vectors: Tensor | None = None,
 ) -> Tensor:  # noqa: C901 - one message per way an operator can be wrong
-    """Apply a ``MatVecBlock`` to the identity's columns, after checking its size."""
+    """Apply a ``MatVecBlock`` to the identity's columns, after checking its size.
+
+    With ``vectors`` (``(P, k)``, the block's own layout), to those columns instead.
+    """
     size = block.size
     if isinstance(size, bool) or not isinstance(size, int | np.integer):
         raise CandidateError(f"{what}: MatVecBlock.size must be an int, got {size!r}")
@@ -151,7 +176,9 @@ def _densify(
             "a scipy LinearOperator"
         )
     columns = []
-    for e in torch.eye(shape.size, dtype=dtype, device=device):
+    if vectors is None:
+        vectors = torch.eye(shape.size, dtype=dtype, device=device)
+    for e in vectors.T.to(dtype=dtype, device=device):
         out = mv.matvec(e.cpu().numpy()) if is_scipy else mv(e)
         out = _copy(f"{what}: MatVecBlock.matvec output", out).to(device)
         if out.dtype != dtype and not (is_scipy and out.dtype.is_floating_point):
@@ -279,11 +306,15 @@ def materialize(
                     f"{where}: unknown layout {value.layout!r}; expected 'rvec' or "
                     "'cvec'"
                 )
+            bias = BiasMode.JOINT if shape.has_bias else BiasMode.NONE
+            if isinstance(value, MatVecBlock) and too_large(shape.size):
+                out[layer] = _probe(where, value, shape, dtype, device)
+                out[layer].bias = str(bias)
+                continue
             if isinstance(value, DenseBlock):
                 matrix = _copy(f"{where} block", value.matrix)
             else:
                 matrix = _densify(where, value, shape, dtype, device)
-            bias = BiasMode.JOINT if shape.has_bias else BiasMode.NONE
             out[layer] = PlainResult(
                 "dense", {"matrix": matrix}, bias=str(bias), layout=value.layout
             )
@@ -293,6 +324,26 @@ def materialize(
                 "KroneckerFactors, DenseBlock or MatVecBlock"
             )
     return out
+
+
+def _probe(
+    where: str, block: MatVecBlock, shape: LayerShape, dtype: torch.dtype, device: Any
+) -> PlainResult:
+    """A large ``MatVecBlock``'s products with the fixed Gaussian probes.
+
+    Probes are drawn in the canonical layout and permuted into the block's layout
+    (and the products back), so the result is canonical.
+    """
+    Z = gaussian_probes(shape.size, dtype=dtype, device=device)
+    if block.layout == "cvec":
+        perm = cvec_to_rvec_permutation(shape.d_out, shape.d_in, shape.has_bias)
+        perm = perm.to(Z.device)
+        Zc = torch.empty_like(Z)
+        Zc[perm] = Z  # cvec entry perm[i] is rvec entry i
+        KZ = _densify(where, block, shape, dtype, device, Zc)[perm]
+    else:
+        KZ = _densify(where, block, shape, dtype, device, Z)
+    return PlainResult("probed", {"probes": Z, "products": KZ})
 
 
 def validate(
@@ -307,7 +358,8 @@ def validate(
         CandidateError: Naming the layer and what is wrong: shapes, dtype, device,
             NaN or inf, a non-symmetric or indefinite factor or block.
     """
-    blocks, modes = {}, {}
+    blocks: dict[str, Any] = {}
+    modes: dict[str, str] = {}
     operations: dict[str, dict[str, Tensor]] = {}
     for layer, shape in shapes.items():
         value = plain[layer]
@@ -317,8 +369,19 @@ def validate(
             continue
         if value.kind == "factors":
             factors = _validate_factors(where, value, shape, dtype, device)
-            block = canonical_block(factors, _ShapeModule(shape))
             mode = value.bias
+            if too_large(shape.size):
+                blocks[layer] = KroneckerOperator(factors, shape.d_out, shape.d_in)
+                modes[layer] = mode
+                continue
+            block = canonical_block(factors, _ShapeModule(shape))
+        elif value.kind == "probed":
+            Z, KZ = value.tensors["probes"], value.tensors["products"]
+            assert Z is not None and KZ is not None
+            _validate_probed(where, Z, KZ, dtype, device)
+            blocks[layer] = ProbedOperator(Z, KZ)
+            modes[layer] = value.bias
+            continue
         else:
             matrix = value.tensors["matrix"]
             assert matrix is not None
@@ -415,6 +478,30 @@ def _validate_factors(
     return KroneckerFactors(A, G, value.bias, Gb)
 
 
+def _validate_probed(
+    where: str, Z: Tensor, KZ: Tensor, dtype: torch.dtype, device: Any
+) -> None:
+    """What the probes can tell: dtype, device, finite, ``zᵀ K z ≥ 0``."""
+    what = f"{where} MatVecBlock products"
+    if KZ.dtype != dtype:
+        raise CandidateError(f"{what} have dtype {KZ.dtype}, expected {dtype}")
+    if KZ.device != torch.device(device):
+        raise CandidateError(f"{what} are on {KZ.device}, expected {device}")
+    if not torch.isfinite(KZ).all():
+        raise CandidateError(f"{what} contain NaN or inf")
+    quadratic = (Z * KZ).sum(0)
+    tol = 1e3 * torch.finfo(dtype).eps * Z.shape[0] * float(KZ.abs().max())
+    if float(quadratic.min()) < -tol:
+        raise CandidateError(
+            f"{where} block is not positive semi-definite (zᵀKz = "
+            f"{float(quadratic.min()):.3e} for a probe z)"
+        )
+
+
+#: Matrices from this size on are tested for semi-definiteness by Cholesky first.
+CHOLESKY_FROM = 512
+
+
 def validate_matrix(what: str, M: Tensor, dtype: torch.dtype, device: Any) -> None:
     """Dtype, device, finite, symmetric and positive semi-definite (to rounding).
 
@@ -435,7 +522,14 @@ def validate_matrix(what: str, M: Tensor, dtype: torch.dtype, device: Any) -> No
     asym = (M - M.T).abs().max().item()
     if asym > tol:
         raise CandidateError(f"{what} is not symmetric (max |M − Mᵀ| = {asym:.3e})")
-    lowest = torch.linalg.eigvalsh((M + M.T) / 2)[0].item()
+    S = (M + M.T) / 2
+    if S.shape[0] >= CHOLESKY_FROM:
+        # S + tol·I positive definite ⇔ smallest eigenvalue > −tol; a Cholesky
+        # factorisation decides it at a sixth of an eigendecomposition's cost.
+        shifted = S + tol * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+        if int(torch.linalg.cholesky_ex(shifted).info) == 0:
+            return
+    lowest = torch.linalg.eigvalsh(S)[0].item()
     if lowest < -tol:
         raise CandidateError(
             f"{what} is not positive semi-definite (smallest eigenvalue {lowest:.3e})"
