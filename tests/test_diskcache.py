@@ -194,10 +194,10 @@ def test_the_key_follows_the_problem_and_the_environment(tmp_path, monkeypatch):
     monkeypatch.setattr(diskcache, "_ENVIRONMENT", env)
     stale = ReferenceCache(approximation("kfac"), disk=DiskCache(tmp_path))
     calls = []
-    real = references.curvature_block
+    real = references.exact_or_dense
     monkeypatch.setattr(
         references,
-        "curvature_block",
+        "exact_or_dense",
         lambda *a: calls.append(a) or real(*a),
     )
     assert stale.exact_block(case, layer, "ggn").equal(block)
@@ -231,7 +231,7 @@ def test_a_cached_run_has_the_records_of_an_uncached_run(tmp_path, monkeypatch):
     def no_compute(*args, **kwargs):
         raise AssertionError("a warm cache recomputed a reference")
 
-    monkeypatch.setattr(references, "curvature_block", no_compute)
+    monkeypatch.setattr(references, "exact_or_dense", no_compute)
     monkeypatch.setattr(references, "reference_draws", no_compute)
     warm = Session.start("reference", isolation="none")
     assert _records(warm) == uncached

@@ -132,7 +132,7 @@ def test_workers_have_the_records_and_exit_status_of_the_serial_run(
 ):
     out = tmp_path / "workers.json"
     code = main(
-        ["check", "reference", "--cases", CASES, "--workers", "2", "-q"]
+        ["check", "reference", "--cases", CASES, "--workers", "2", "-q", "--verbose"]
         + ["--json", str(out), "--xfail", str(_xfail(tmp_path))]
     )
     assert code == 1
