@@ -34,7 +34,12 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, cast
 
 from kfac_oracle.runner.call import CallReport
-from kfac_oracle.runner.isolation import _become_worker, _describe_exit, _kill_group
+from kfac_oracle.runner.isolation import (
+    _become_worker,
+    _describe_exit,
+    _kill_group,
+    serve_requests,
+)
 
 #: Seconds the rendezvous of a fresh group may take.
 START_TIMEOUT = 60.0
@@ -65,8 +70,6 @@ def _rank_main(impl: Any, rank: int, world_size: int, conn: Connection) -> None:
         os.environ[name] = str(value)
     import torch.distributed as dist
 
-    from kfac_oracle.runner.call import guarded_call
-
     try:
         timeout = timedelta(seconds=START_TIMEOUT)
         if rank == 0:
@@ -91,20 +94,7 @@ def _rank_main(impl: Any, rank: int, world_size: int, conn: Connection) -> None:
             conn.send(("failed", f"rank {rank}: {error!r}"))
         finally:
             os._exit(1)
-    while True:
-        try:
-            payload = conn.recv_bytes()
-        except (EOFError, OSError):
-            os._exit(0)
-        request, shapes, dtype, device = pickle.loads(payload)
-        report = guarded_call(impl, request, shapes, dtype, device, limit=None)
-        try:
-            data = pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as error:  # noqa: BLE001 - an unpicklable result
-            data = pickle.dumps(
-                CallReport(error=f"the result could not be sent back: {error!r}")
-            )
-        conn.send_bytes(data)
+    serve_requests(impl, conn)
 
 
 class RankGroup:

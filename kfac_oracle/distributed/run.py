@@ -11,7 +11,6 @@ that call, and the run goes on.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import time
@@ -38,7 +37,12 @@ from kfac_oracle.reference.approximations import approximation
 from kfac_oracle.runner import expected as expected_failures_
 from kfac_oracle.runner.records import CheckRecord
 from kfac_oracle.runner.references import ReferenceCache
-from kfac_oracle.runner.run import DEFAULT_TIME_LIMIT, Progress, resolve_cases
+from kfac_oracle.runner.run import (
+    DEFAULT_TIME_LIMIT,
+    Progress,
+    resolve_cases,
+    run_items,
+)
 from kfac_oracle.runner.selection import select
 
 #: The most ranks a run may ask for.
@@ -190,28 +194,15 @@ def run(
     session = session or DistributedSession.start(
         impl, world_size, time_limit, case_files
     )
-    records = []
-    sink = open(stream, "a") if stream is not None else None  # noqa: SIM115
-    try:
-        for k, item in enumerate(selected):
-            record = run_item(item, session)
-            record = expected_failures_.apply_documented(
-                record, session.resolved.documented
-            )
-            record = expected_failures_.apply(record, expected)
-            record.reproduce = session.reproduce(item)
-            records.append(record)
-            if sink is not None:
-                sink.write(json.dumps(record.as_dict()) + "\n")
-                sink.flush()
-            if progress:
-                progress(k + 1, len(selected), record)
-    finally:
-        if sink is not None:
-            sink.close()
-        if own:
-            session.close()
-    return records
+    return run_items(
+        selected,
+        session,
+        run_item,
+        expected,
+        progress=progress,
+        stream=stream,
+        own=own,
+    )
 
 
 __all__ = [

@@ -71,9 +71,19 @@ def _become_worker() -> None:
 
 def _serve(impl: Any, conn: Connection) -> None:
     """The worker's loop: one request in, one :class:`CallReport` out."""
+    _become_worker()
+    serve_requests(impl, conn)
+
+
+def serve_requests(impl: Any, conn: Connection) -> None:
+    """Answer pickled requests with pickled :class:`CallReport` s until ``conn`` closes.
+
+    Each request is ``(request, shapes, dtype, device)`` for
+    :func:`~kfac_oracle.runner.call.guarded_call`; the process ends when the harness
+    closes its end.
+    """
     from kfac_oracle.runner.call import guarded_call
 
-    _become_worker()
     while True:
         try:
             payload = conn.recv_bytes()

@@ -146,6 +146,7 @@ class ReferenceCache:
         """
         key = (case.id, layer, kind, variant)
         if key not in self._exact:
+
             def compute_exact() -> Any:
                 return exact_or_dense(self.problem(case, variant), layer, kind)
 

@@ -283,11 +283,32 @@ def run(
     session = session or Session.start(
         impl, time_limit, isolation, case_files, single_batch=single_batch
     )
+    return run_items(
+        items, session, run_item, expected, progress=progress, stream=stream, own=own
+    )
+
+
+def run_items(
+    items: list[Any],
+    session: Any,
+    run_one: Callable[[Any, Any], CheckRecord],
+    expected: Any,
+    progress: Progress | None = None,
+    stream: str | Path | None = None,
+    own: bool = False,
+) -> list[CheckRecord]:
+    """Run ``items`` in order with ``run_one(item, session)``; the shared loop.
+
+    Each record gets the library's documented differences and the expected failures
+    applied and its reproduce line; it is appended to ``stream`` (JSON lines) as soon
+    as it exists, so that a killed run leaves what it checked. ``own``: close the
+    session at the end.
+    """
     records = []
     sink = open(stream, "a") if stream is not None else None  # noqa: SIM115
     try:
         for k, item in enumerate(items):
-            record = run_item(item, session)
+            record = run_one(item, session)
             record = expected_failures_.apply_documented(
                 record, session.resolved.documented
             )
@@ -313,6 +334,7 @@ __all__ = [
     "resolve_cases",
     "run",
     "run_item",
+    "run_items",
     "select_items",
     "unsupported_reason",
 ]
