@@ -206,7 +206,11 @@ FINDINGS = [
         "type-2 KFAC of outputs with more than two dimensions backpropagates each "
         "Hessian-square-root column over all positions at once (cross-position terms)",
         "still on main (63fd690); no upstream issue",
-        adapters=("curvlinops-kfac", "laplace-kron-curvlinops"),
+        adapters=(
+            "curvlinops-kfac",
+            "curvlinops-kfac-inverse",
+            "laplace-kron-curvlinops",
+        ),
     ),
     Finding(
         "C2",
@@ -219,7 +223,7 @@ FINDINGS = [
         "fixed upstream, unreleased",
         "type-2 KFAC and the MC Fisher reject soft BCE targets",
         "PR #257, commit e81f6bb",
-        adapters=("curvlinops-kfac",),
+        adapters=("curvlinops-kfac", "curvlinops-kfac-inverse"),
     ),
     Finding(
         "C4",
