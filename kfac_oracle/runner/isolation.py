@@ -20,6 +20,7 @@ harness's process.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import pickle
 import signal
@@ -47,8 +48,13 @@ def _become_worker() -> None:
     - killed when the harness dies (Linux ``PR_SET_PDEATHSIG``), so no worker outlives
       its run;
     - one intra-op thread: OpenMP's thread pool does not survive ``fork`` (a parallel
-      region in the child would wait forever for the parent's threads).
+      region in the child would wait forever for the parent's threads);
+    - the objects inherited from the harness (records, cached references) moved to
+      the garbage collector's permanent generation (``gc.freeze``): a candidate that
+      calls ``gc.collect()`` often (kronfluence does after every step) would otherwise
+      traverse the harness's whole heap each time.
     """
+    gc.freeze()
     try:
         os.setpgid(0, 0)
     except OSError:
