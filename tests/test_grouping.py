@@ -245,7 +245,7 @@ def test_every_adapter_of_the_published_matrix_fits_on_one_screen():
         mine = [r for r in records if r["implementation"] == name]
         sizes[name] = len(grouped_text(mine, cases).splitlines())
     assert max(sizes.values()) <= 50, sizes
-    assert sizes["backpack-kfra"] > 10  # it has failures of several causes
+    assert max(sizes.values()) > 10  # not vacuous: some adapter has several causes
 
 
 def test_groups_beyond_the_limit_are_summed_up_in_one_line():
