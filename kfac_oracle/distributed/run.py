@@ -11,8 +11,6 @@ that call, and the run goes on.
 
 from __future__ import annotations
 
-import os
-import shlex
 import time
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,6 +38,7 @@ from kfac_oracle.runner.references import ReferenceCache
 from kfac_oracle.runner.run import (
     DEFAULT_TIME_LIMIT,
     Progress,
+    reproduce_command,
     resolve_cases,
     run_items,
 )
@@ -109,18 +108,13 @@ class DistributedSession:
 
     def reproduce(self, item: DistItem) -> str:
         """A command that re-runs one check."""
-        spec = self.resolved.spec or "MODULE:ATTR"
-        parts = ["kfac-oracle", "check", spec, "--world-size", str(self.world_size)]
-        parts += ["--cases", item.case.id]
-        for path in self.case_files:
-            parts += ["--case-file", path]
-        parts += ["--checks", item.id]
-        limit = self.caller.time_limit
-        if limit != DEFAULT_TIME_LIMIT:
-            parts += ["--time-limit", "none" if limit is None else f"{limit:g}"]
-        env = os.environ.get("KFAC_ORACLE_CASES")
-        prefix = f"KFAC_ORACLE_CASES={shlex.quote(env)} " if env else ""
-        return prefix + " ".join(shlex.quote(p) for p in parts)
+        return reproduce_command(
+            self.resolved.spec,
+            item,
+            self.case_files,
+            self.caller.time_limit,
+            ["--world-size", str(self.world_size)],
+        )
 
 
 def run_item(item: DistItem, session: DistributedSession) -> CheckRecord:

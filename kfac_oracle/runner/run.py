@@ -101,19 +101,38 @@ class Session:
 
     def reproduce(self, item: CheckItem) -> str:
         """A command that re-runs one check."""
-        spec = self.resolved.spec or "MODULE:ATTR"
-        parts = ["kfac-oracle", "check", spec, "--cases", item.case.id]
-        for path in self.case_files:
-            parts += ["--case-file", path]
-        parts += ["--checks", item.id]
-        if self.caller.single_batch:
-            parts.append("--single-batch")
-        limit = self.caller.time_limit
-        if limit != DEFAULT_TIME_LIMIT:
-            parts += ["--time-limit", "none" if limit is None else f"{limit:g}"]
-        env = os.environ.get("KFAC_ORACLE_CASES")
-        prefix = f"KFAC_ORACLE_CASES={shlex.quote(env)} " if env else ""
-        return prefix + " ".join(shlex.quote(p) for p in parts)
+        options = ["--single-batch"] if self.caller.single_batch else []
+        return reproduce_command(
+            self.resolved.spec,
+            item,
+            self.case_files,
+            self.caller.time_limit,
+            options,
+        )
+
+
+def reproduce_command(
+    spec: str | None,
+    item: Any,
+    case_files: Sequence[str],
+    time_limit: float | None,
+    options: Sequence[str] = (),
+) -> str:
+    """``kfac-oracle check SPEC [OPTIONS] --cases CASE ... --checks ID``, shell-quoted.
+
+    The time limit appears when it is not the default; ``KFAC_ORACLE_CASES`` is
+    carried over as a prefix when set.
+    """
+    parts = ["kfac-oracle", "check", spec or "MODULE:ATTR", *options]
+    parts += ["--cases", item.case.id]
+    for path in case_files:
+        parts += ["--case-file", path]
+    parts += ["--checks", item.id]
+    if time_limit != DEFAULT_TIME_LIMIT:
+        parts += ["--time-limit", "none" if time_limit is None else f"{time_limit:g}"]
+    env = os.environ.get("KFAC_ORACLE_CASES")
+    prefix = f"KFAC_ORACLE_CASES={shlex.quote(env)} " if env else ""
+    return prefix + " ".join(shlex.quote(p) for p in parts)
 
 
 def unsupported_reason(item: CheckItem, ctx: CheckContext) -> str | None:
@@ -334,6 +353,7 @@ __all__ = [
     "resolve_cases",
     "run",
     "run_item",
+    "reproduce_command",
     "run_items",
     "select_items",
     "unsupported_reason",
