@@ -17,7 +17,14 @@ means
 ``damping``        ``product``, ``per_factor``, ``pi``, ``mean_eigenvalue``
 ``distributed``    ``data-parallel``: ``compute`` works under ``torch.distributed``
                    (``kfac-oracle check --world-size W``)
+``dtype``          ``float64``, ``float32``: the precisions ``compute`` works in
 =================  ==========================================================
+
+``dtype`` decides the precision of the models and data a candidate is given
+(:meth:`Capabilities.compute_dtype`): float64 unless the candidate declares float32
+only (or the run asks for float32, ``kfac-oracle check --dtype float32``). A float32
+run is judged against float64 references with tolerances from a measured rounding
+model (:mod:`kfac_oracle.rounding`).
 
 ``operations`` and ``damping`` are the exception to "missing means no restriction": a
 candidate offers operations (:class:`~kfac_oracle.contract.LayerOperations`) only if it
@@ -39,6 +46,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
+
 from kfac_oracle.damping import DampingConvention
 from kfac_oracle.errors import CapabilityError
 from kfac_oracle.flavours import BiasMode, FisherType, KFACApprox
@@ -51,6 +60,7 @@ DAMPING = DampingConvention.values()
 # Operations that invert the damped block, so need a damping convention.
 DAMPED_OPERATIONS = ("inverse", "logdet", "scores")
 DISTRIBUTED = ("data-parallel",)
+DTYPES = ("float64", "float32")
 
 
 def _approximations() -> tuple[str, ...]:
@@ -73,6 +83,7 @@ def _vocabulary(key: str) -> tuple[Any, ...] | None:
         "operations": OPERATIONS,
         "damping": DAMPING,
         "distributed": DISTRIBUTED,
+        "dtype": DTYPES,
     }[key]
 
 
@@ -94,6 +105,7 @@ class Capabilities:
     operations: frozenset[str] | None = None
     damping: frozenset[str] | None = None
     distributed: frozenset[str] | None = None
+    dtype: frozenset[str] | None = None
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -169,6 +181,30 @@ class Capabilities:
         """Whether every one of ``values`` is declared (unrestricted: yes)."""
         allowed = self.allowed(key)
         return allowed is None or set(values) <= allowed
+
+    def compute_dtype(self, requested: str | None = None) -> torch.dtype:
+        """The dtype of the models and data the candidate is given.
+
+        ``requested`` (``"float64"``/``"float32"``) when given and declared; otherwise
+        float64 unless the candidate declares ``float32`` only.
+
+        Raises:
+            CapabilityError: If ``requested`` is not a known dtype or not declared.
+        """
+        if requested is not None:
+            if requested not in DTYPES:
+                raise CapabilityError(
+                    f"unknown dtype {requested!r}; allowed: {', '.join(DTYPES)}"
+                )
+            if self.dtype is not None and requested not in self.dtype:
+                raise CapabilityError(
+                    f"a {requested} run was asked for, but the candidate's "
+                    f"capabilities['dtype'] declares {sorted(self.dtype)}"
+                )
+            return getattr(torch, requested)
+        if self.dtype is None or "float64" in self.dtype:
+            return torch.float64
+        return torch.float32
 
     @property
     def approximation_name(self) -> str:
@@ -248,6 +284,7 @@ def _validate_values(owner: str, key: str, value: object) -> frozenset[Any]:
 __all__ = [
     "DAMPED_OPERATIONS",
     "DAMPING",
+    "DTYPES",
     "LAYERS",
     "LOSSES",
     "OPERATIONS",

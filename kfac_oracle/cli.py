@@ -190,6 +190,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 time_limit,
                 args.isolation,
                 args.case_file,
+                dtype=args.dtype,
                 single_batch=args.single_batch,
             )
     label = f"{session.name} "
@@ -288,6 +289,7 @@ def _distributed_options(args: argparse.Namespace) -> None:
     check_world_size(args.world_size)
     for given, option in (
         (args.single_batch, "--single-batch"),
+        (args.dtype is not None, "--dtype"),
         (args.families is not None, "--families"),
         (args.isolation == "none", "--isolation none"),
         (args.workers != 1, "--workers"),
@@ -400,6 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="merge each case's batches into one (an optimizer's mathematics apart "
         "from its accumulation over batches)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float64", "float32"),
+        default=None,
+        help="the precision the candidate computes in (default: float64 unless its "
+        "capabilities declare float32 only); float32 verdicts use measured rounding "
+        "tolerances",
     )
     p.add_argument(
         "--world-size",

@@ -76,6 +76,9 @@ def _reference() -> dict[str, Implementation]:
             lambda: ReferenceKFAC(bias="separate", operations=True),
             module,
         ),
+        "reference-float32": Implementation(
+            "reference-float32", lambda: ReferenceKFAC(dtype="float32"), module
+        ),
     }
 
 

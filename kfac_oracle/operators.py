@@ -89,8 +89,14 @@ class KroneckerOperator:
         return f.gradient_covariance if f.bias_covariance is None else f.bias_covariance
 
     def matmat(self, V: Tensor) -> Tensor:
-        """``K V`` for columns ``V`` of shape ``(P, k)`` in canonical layout."""
+        """``K V`` for columns ``V`` of shape ``(P, k)`` in canonical layout.
+
+        Computed in the wider of the factors' and ``V``'s dtypes (a float32 block
+        applied to float64 probes is applied exactly).
+        """
         A, G = self.factors.input_covariance, self.factors.gradient_covariance
+        dtype = torch.promote_types(A.dtype, V.dtype)
+        A, G, V = A.to(dtype), G.to(dtype), V.to(dtype)
         d_out, d_in, k = self.d_out, self.d_in, V.shape[1]
         n_w = d_out * d_in
         W = V[:n_w].T.reshape(k, d_out, d_in)
@@ -102,7 +108,7 @@ class KroneckerOperator:
         weight = (G @ W @ A.T).reshape(k, n_w)
         if self.factors.bias == "none":
             return weight.T
-        bias = V[n_w:].T @ self.bias_block.T
+        bias = V[n_w:].T @ self.bias_block.to(dtype).T
         return torch.cat([weight, bias], dim=1).T
 
     def dense(self) -> Tensor:
@@ -122,8 +128,9 @@ class DenseOperator:
         return int(self.matrix.shape[0])
 
     def matmat(self, V: Tensor) -> Tensor:
-        """``M V``."""
-        return self.matrix @ V
+        """``M V`` (in the wider of the two dtypes)."""
+        dtype = torch.promote_types(self.matrix.dtype, V.dtype)
+        return self.matrix.to(dtype) @ V.to(dtype)
 
 
 @dataclass
@@ -179,7 +186,7 @@ class ExactOperator:
         return self.operator.shape[0]
 
     def matmat(self, V: Tensor) -> Tensor:
-        """One pass over the data per column of ``V``."""
+        """One pass over the data per column of ``V`` (in the problem's dtype)."""
         return self.operator.matmat(V)
 
 

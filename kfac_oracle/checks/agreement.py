@@ -3,7 +3,8 @@
 For every layer and deterministic fisher type (type-2, empirical, forward-only), with
 expand and, where positions share a weight, reduce: the candidate's block equals the
 reference block of its approximation (KFAC, or EKFAC for EKFAC candidates) to a
-relative Frobenius error of 1e-10 (float64).
+relative Frobenius error of 1e-10 (float64), or, for a candidate that computes in
+float32, the tolerance of the measured rounding model (:mod:`kfac_oracle.rounding`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def every_flavour(case: Case) -> Iterator[Target]:
                 yield Target(f"agree_{ft}_{approx}", layer, str(ft), str(approx))
 
 
-@check(targets=every_flavour, diagnose=diagnose_layer, matrix_free=True)
+@check(targets=every_flavour, diagnose=diagnose_layer, matrix_free=True, float32=True)
 def agree(ctx: CheckContext, *, fisher_type: str, kfac_approx: str) -> Outcome:
     """The candidate equals the reference of its approximation and flavour.
 
@@ -58,6 +59,13 @@ def agree(ctx: CheckContext, *, fisher_type: str, kfac_approx: str) -> Outcome:
     reference = ctx.reference(flavour)[ctx.layer]
     title = ctx.approximation.title.removeprefix("reference ")
     what = f"layer {ctx.layer} vs reference {title} ({fisher_type}, {kfac_approx})"
+    rtol, basis = ctx.block_tolerance(flavour)
     return compare_blocks(
-        result.blocks[ctx.layer], reference, result.bias[ctx.layer], ctx.module(), what
+        result.blocks[ctx.layer],
+        reference,
+        result.bias[ctx.layer],
+        ctx.module(),
+        what,
+        rtol,
+        basis,
     )

@@ -9,6 +9,9 @@ densify (operators) are compared matrix-free (:mod:`kfac_oracle.checks.matrixfre
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 from torch import Tensor, nn
 
 from kfac_oracle.checks.matrixfree import compare_operators
@@ -25,6 +28,19 @@ def rel_error(candidate: Tensor, reference: Tensor) -> float:
     diff = (candidate - reference).norm().item()
     scale = reference.norm().item()
     return diff / scale if scale > 0 else diff
+
+
+def block_distance(
+    candidate: object, reference: object, bias_mode: str, module: nn.Module
+) -> float:
+    """``‖C − B‖_F / ‖B‖_F`` of dense blocks or operators (matrix-free if need be)."""
+    if is_operator(candidate) or is_operator(reference):
+        outcome = compare_operators(
+            candidate, reference, bias_mode, module, "", math.inf
+        )
+        return math.inf if outcome.error is None else outcome.error
+    assert isinstance(candidate, Tensor) and isinstance(reference, Tensor)
+    return rel_error(candidate.to(reference.dtype), reference)
 
 
 def masked_reference(reference: Tensor, bias_mode: str, module: nn.Module) -> Tensor:
@@ -46,11 +62,28 @@ def compare_blocks(
     module: nn.Module,
     what: str,
     rtol: float = EXACT_RTOL,
+    basis: str = "",
 ) -> Outcome:
     """Compare one block with a reference block at relative Frobenius error ``rtol``.
 
-    The outcome carries both blocks (for plots) when the comparison fails.
+    ``basis`` says where the tolerance comes from (appended to the message; a
+    float32 run's :meth:`~kfac_oracle.rounding.RoundingTolerance.describe`). The
+    outcome carries both blocks (for plots) when the comparison fails.
     """
+    outcome = _compare(candidate, reference, bias_mode, module, what, rtol)
+    if basis:
+        outcome = replace(outcome, message=f"{outcome.message}; {basis}")
+    return outcome
+
+
+def _compare(
+    candidate: Tensor,
+    reference: Tensor,
+    bias_mode: str,
+    module: nn.Module,
+    what: str,
+    rtol: float,
+) -> Outcome:
     if is_operator(candidate) or is_operator(reference):
         return compare_operators(candidate, reference, bias_mode, module, what, rtol)
     has_bias = getattr(module, "bias", None) is not None

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from kfac_oracle.capabilities import Capabilities
 from kfac_oracle.catalogue import Case
+from kfac_oracle.checks.compare import EXACT_RTOL
 from kfac_oracle.errors import Unsupported
 from kfac_oracle.flavours import BiasMode, FisherType, Flavour, KFACApprox
 from kfac_oracle.problem import Problem
@@ -91,6 +93,19 @@ class CheckContext:
     def ambiguous(self, flavour: Flavour, variant: str = "base") -> set[str]:
         """Layers where the approximation has no unique answer."""
         return self.references.ambiguous(self.case, flavour, variant)
+
+    def block_tolerance(self, flavour: Flavour) -> tuple[float, str]:
+        """The relative tolerance of this layer's block, and what it rests on.
+
+        :data:`~kfac_oracle.checks.compare.EXACT_RTOL` in a float64 run; in a float32
+        run the measured rounding tolerance of the layer's reference block for
+        ``flavour`` (:mod:`kfac_oracle.rounding`), described for the record.
+        """
+        if self.caller.dtype == torch.float64:
+            return EXACT_RTOL, ""
+        assert self.layer is not None
+        tolerance = self.references.rounding(self.case, flavour)[self.layer]
+        return tolerance.tolerance, tolerance.describe()
 
     def default_approx(self) -> KFACApprox:
         """The approximation matching the case's weight sharing (expand without)."""

@@ -3,8 +3,10 @@
 Positive claims of the catalogue (docs/theory.md §5, E1–E5) name a flavour for which
 KFAC provably equals an exact curvature block: type-2 ↔ GGN, empirical ↔ empirical
 Fisher. The candidate's block must match it to a relative Frobenius error of 1e-10
-(float64). Claims about MC-KFAC for the *same* samples need the oracle's own sampling;
-they are checked on the reference (the tests), and a candidate's MC statistically
+(float64); a float32 candidate to the measured rounding tolerance of the claimed
+flavour's KFAC (:mod:`kfac_oracle.rounding`), which the claim makes the same matrix.
+Claims about MC-KFAC for the *same* samples need the oracle's own sampling; they are
+checked on the reference (the tests), and a candidate's MC statistically
 (the ``mc`` family).
 """
 
@@ -18,7 +20,7 @@ from kfac_oracle.checks.context import CheckContext
 from kfac_oracle.checks.diagnose import diagnose_layer
 from kfac_oracle.checks.outcome import Outcome
 from kfac_oracle.checks.registry import Target, check, family
-from kfac_oracle.flavours import FisherType
+from kfac_oracle.flavours import FisherType, Flavour
 
 family(rank=1)
 
@@ -41,7 +43,7 @@ def positive_claims(case: Case) -> Iterator[Target]:
             )
 
 
-@check(targets=positive_claims, diagnose=diagnose_layer, matrix_free=True)
+@check(targets=positive_claims, diagnose=diagnose_layer, matrix_free=True, float32=True)
 def exact(
     ctx: CheckContext, *, fisher_type: str, kfac_approx: str, kind: str, claim: str
 ) -> Outcome:
@@ -54,6 +56,14 @@ def exact(
     result = ctx.candidate(ctx.key(fisher_type, kfac_approx))
     reference = ctx.references.exact_block(ctx.case, ctx.layer, kind)
     what = f"layer {ctx.layer} vs exact {kind} block ({claim})"
+    bias = ctx.reference_bias(result.bias[ctx.layer])
+    rtol, basis = ctx.block_tolerance(Flavour(fisher_type, kfac_approx, bias))
     return compare_blocks(
-        result.blocks[ctx.layer], reference, result.bias[ctx.layer], ctx.module(), what
+        result.blocks[ctx.layer],
+        reference,
+        result.bias[ctx.layer],
+        ctx.module(),
+        what,
+        rtol,
+        basis,
     )

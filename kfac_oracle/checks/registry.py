@@ -116,6 +116,9 @@ class CheckSpec:
             when the check fails, to name the cause.
         matrix_free: Whether the check works on blocks too large to densify
             (:mod:`kfac_oracle.operators`); other checks are unsupported there.
+        float32: Whether the check has a verdict for a candidate that computes in
+            float32 (:mod:`kfac_oracle.rounding`); other checks are unsupported in
+            a float32 run.
     """
 
     function: CheckFunction
@@ -124,6 +127,7 @@ class CheckSpec:
     needs: Mapping[str, frozenset[str]] = field(default_factory=dict)
     diagnose: Diagnose | None = None
     matrix_free: bool = False
+    float32: bool = False
 
     @property
     def name(self) -> str:
@@ -172,6 +176,7 @@ def check(
     needs: Mapping[str, Iterable[str]] | None = None,
     diagnose: Diagnose | None = None,
     matrix_free: bool = False,
+    float32: bool = False,
 ) -> Callable[[CheckFunction], CheckFunction]:
     """Register a check function of the calling family module.
 
@@ -180,6 +185,8 @@ def check(
         needs: Further capabilities the check requires.
         diagnose: Names the cause of a failure.
         matrix_free: The check also compares blocks too large to densify.
+        float32: The check has a verdict for float32 candidates (its tolerances
+            come from :mod:`kfac_oracle.rounding`).
     """
 
     def register(function: CheckFunction) -> CheckFunction:
@@ -191,6 +198,7 @@ def check(
             needs={k: frozenset(v) for k, v in (needs or {}).items()},
             diagnose=diagnose,
             matrix_free=matrix_free,
+            float32=float32,
         )
         _CHECKS[:] = [c for c in _CHECKS if c.function is not function]
         _CHECKS.append(spec)

@@ -37,7 +37,7 @@ def _flavours() -> list[FisherType]:
     return sorted(FisherType, key=lambda ft: ft.stochastic)
 
 
-@check(targets=whole_case, matrix_free=True)
+@check(targets=whole_case, matrix_free=True, float32=True)
 def wellformed(ctx: CheckContext) -> Outcome:
     """The result is a dict of every requested layer, well formed (contract §3)."""
     ft, approx = ctx.first_supported(_flavours())
@@ -55,7 +55,7 @@ def each_case(case: Case) -> Iterator[Target]:
     yield Target("side_effects")
 
 
-@check(targets=each_case, matrix_free=True)
+@check(targets=each_case, matrix_free=True, float32=True)
 def side_effects(ctx: CheckContext) -> Outcome:
     """No call of the candidate on this case left anything behind.
 

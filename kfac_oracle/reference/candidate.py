@@ -28,6 +28,8 @@ class ReferenceKFAC:
             (:data:`~kfac_oracle.contract.OPERATION_CAPABILITIES`; the built-in
             ``reference`` does). Off by default, so that a subclass that post-processes
             the factors of :meth:`compute` is never asked for operations.
+        dtype: Declare this precision only (``"float32"``: the built-in
+            ``reference-float32``, which computes in the problem's float32).
     """
 
     name = "reference"
@@ -36,10 +38,15 @@ class ReferenceKFAC:
     operations_class = KroneckerOperations
     distributed_steps_class: type[KFACSteps] = DataParallelSteps
 
-    def __init__(self, bias: str = "joint", operations: bool = False):
+    def __init__(
+        self, bias: str = "joint", operations: bool = False, dtype: str | None = None
+    ):
         self.bias = bias
         if operations:
             self.capabilities = {**self.capabilities, **OPERATION_CAPABILITIES}
+        if dtype is not None:
+            self.capabilities = {**self.capabilities, "dtype": {dtype}}
+            self.name = f"reference ({dtype})"
 
     def compute(
         self, request: KFACRequest

@@ -14,13 +14,13 @@ the environment. A cached value is the computed value, bit for bit.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from kfac_oracle import statistics
+from kfac_oracle import rounding, statistics
 from kfac_oracle.catalogue import Case
 from kfac_oracle.contract import KroneckerFactors
 from kfac_oracle.flavours import Flavour
@@ -29,6 +29,7 @@ from kfac_oracle.problem import Problem
 from kfac_oracle.reference.approximations import Approximation
 from kfac_oracle.reference.kfac import KFACSteps
 from kfac_oracle.reference.mc_draws import reference_draws
+from kfac_oracle.rounding import RoundingTolerance
 from kfac_oracle.runner import diskcache
 from kfac_oracle.runner.caller import build_problem
 from kfac_oracle.statistics import NullModel
@@ -81,6 +82,8 @@ class ReferenceCache:
         self._ambiguous: dict[tuple[str, Flavour, str], set[str]] = {}
         self._factors: dict[tuple[str, Flavour, str], dict[str, KroneckerFactors]] = {}
         self._nulls: dict[tuple[str, str, str], dict[str, dict[int, NullModel]]] = {}
+        self._rounding: dict[tuple[str, Flavour, str], dict[str, RoundingTolerance]]
+        self._rounding = {}
 
     def problem(self, case: Case, variant: str = "base") -> Problem:
         """The case's problem under ``variant`` (shared: do not modify it)."""
@@ -263,6 +266,59 @@ class ReferenceCache:
             for layer in case.layers:
                 nulls[layer][M] = statistics.null_model(draws[layer], mean[layer], M)
         return nulls
+
+    def rounding(self, case: Case, flavour: Flavour) -> dict[str, RoundingTolerance]:
+        """The float32 tolerance of every layer's block (:mod:`kfac_oracle.rounding`).
+
+        The reference approximation of ``flavour`` computed in float32 in
+        :data:`~kfac_oracle.rounding.ORDERINGS` data orderings, against the float64
+        reference blocks of this cache.
+        """
+        key = (case.id, flavour, "rounding")
+        if key not in self._rounding:
+            self._rounding[key] = self._cached(
+                "rounding",
+                case,
+                "base",
+                {
+                    **_detail(self.approximation.name, flavour, case.layers),
+                    "orderings": rounding.ORDERINGS,
+                },
+                lambda: self._measure_rounding(case, flavour),
+                lambda tols: {k: [t.spread, t.orderings] for k, t in tols.items()},
+                lambda raw: {
+                    str(k): RoundingTolerance(float(s), int(n))
+                    for k, (s, n) in raw.items()
+                },
+            )
+        return self._rounding[key]
+
+    def _measure_rounding(
+        self, case: Case, flavour: Flavour
+    ) -> dict[str, RoundingTolerance]:
+        from kfac_oracle.checks.compare import block_distance
+
+        approx = self.approximation
+        reference = self.blocks(case, flavour)
+        problem32 = build_problem(case, "base", torch.float32, self.single_batch)
+        model = self.problem(case).model
+
+        def distances(blocks32: Mapping[str, Any]) -> dict[str, float]:
+            return {
+                layer: block_distance(
+                    block,
+                    reference[layer],
+                    str(flavour.bias),
+                    model.get_submodule(layer),
+                )
+                for layer, block in blocks32.items()
+            }
+
+        return rounding.measure(
+            problem32,
+            lambda problem: approx.blocks(problem, flavour, case.layers),
+            distances,
+        )
 
     def ambiguous(
         self, case: Case, flavour: Flavour, variant: str = "base"

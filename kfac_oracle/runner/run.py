@@ -65,10 +65,15 @@ class Session:
         time_limit: float | None = DEFAULT_TIME_LIMIT,
         isolation: str = "auto",
         case_files: Sequence[str] = (),
-        dtype: torch.dtype = torch.float64,
+        dtype: str | None = None,
         single_batch: bool = False,
     ) -> Session:
         """Resolve ``impl`` and set up its caller and references.
+
+        The candidate gets models and data in ``dtype`` (``"float64"`` or
+        ``"float32"``; by default what its capabilities declare:
+        :meth:`~kfac_oracle.capabilities.Capabilities.compute_dtype`); references
+        are float64 always.
 
         With ``single_batch`` each case's batches are merged into one (an optimizer
         keeping per-step state gets a verdict on its mathematics apart from its
@@ -80,12 +85,12 @@ class Session:
             resolved.capabilities,
             time_limit,
             isolation,
-            dtype,
+            resolved.capabilities.compute_dtype(dtype),
             single_batch,
         )
         references = ReferenceCache(
             approximation(resolved.capabilities.approximation_name),
-            dtype,
+            torch.float64,
             single_batch,
         )
         return cls(resolved, caller, references, list(case_files))
@@ -102,6 +107,9 @@ class Session:
     def reproduce(self, item: CheckItem) -> str:
         """A command that re-runs one check."""
         options = ["--single-batch"] if self.caller.single_batch else []
+        dtype = self.caller.dtype
+        if dtype != self.resolved.capabilities.compute_dtype():
+            options += ["--dtype", str(dtype).removeprefix("torch.")]
         return reproduce_command(
             self.resolved.spec,
             item,
@@ -145,6 +153,12 @@ def unsupported_reason(item: CheckItem, ctx: CheckContext) -> str | None:
         target.fisher_type
     ):
         return ctx.approximation.unsupported_reason(target.fisher_type)
+    if ctx.caller.dtype != torch.float64 and not item.spec.float32:
+        return (
+            f"the candidate computes in {str(ctx.caller.dtype).removeprefix('torch.')}"
+            "; this check's verdict is defined for float64 only (float32 verdicts: "
+            "agreement, exactness, wellformed, side_effects)"
+        )
     if not item.spec.matrix_free:
         reason = dense_only_reason(item.case, item.layer)
         if reason:
@@ -267,6 +281,7 @@ def run(
     case_files: Sequence[str] = (),
     stream: str | Path | None = None,
     single_batch: bool = False,
+    dtype: str | None = None,
 ) -> list[CheckRecord]:
     """Run the conformance suite; never raises because of the candidate.
 
@@ -286,6 +301,9 @@ def run(
         stream: Append each record as a JSON line to this file as soon as it is
             done (a run that is killed leaves what it checked).
         single_batch: Merge each case's batches into one.
+        dtype: ``"float64"`` or ``"float32"``: the precision the candidate is run
+            in (default: :meth:`~kfac_oracle.capabilities.Capabilities.compute_dtype`
+            of its capabilities).
 
     Returns:
         One record per check item.
@@ -300,7 +318,7 @@ def run(
     expected_failures_.warn_unmatched(expected, [it.id for it in items])
     own = session is None
     session = session or Session.start(
-        impl, time_limit, isolation, case_files, single_batch=single_batch
+        impl, time_limit, isolation, case_files, dtype=dtype, single_batch=single_batch
     )
     return run_items(
         items, session, run_item, expected, progress=progress, stream=stream, own=own
