@@ -130,6 +130,12 @@ def run_item(item: DistItem, session: DistributedSession) -> CheckRecord:
     )
     ctx = DistContext(item.case, item.layer, session.caller, session.references)
     try:
+        dtype = session.caller.capabilities.compute_dtype()
+        if dtype != torch.float64:
+            raise Unsupported(
+                f"the candidate computes in {str(dtype).removeprefix('torch.')}; the "
+                "distributed checks' verdicts are defined for float64 only"
+            )
         outcome = item.function(ctx, **item.params)
         record.status, record.error = outcome.status, outcome.error
         record.tolerance, record.message = outcome.tolerance, outcome.message
