@@ -38,7 +38,7 @@ def build_from_factory(
         TypeError: If the factory does not return an ``nn.Module``.
     """
     with torch.random.fork_rng(devices=[]), fixed_defaults():
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # models are built on the CPU
         model = factory()
     if not isinstance(model, nn.Module):
         raise TypeError(

@@ -109,7 +109,7 @@ def build_model(
     torch's global defaults and random state), then converted to ``dtype``.
     """
     with torch.random.fork_rng(devices=[]), fixed_defaults():
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # models are built on the CPU
         model = nn.Sequential(*(build_layer(s) for s in spec))
     return model.to(dtype)
 

@@ -30,6 +30,8 @@ from kfac_oracle.runner.limits import can_arm, check_time_limit
 from kfac_oracle.runner.validate import CandidateResult, layer_shapes, validate
 
 ISOLATION_MODES = ("auto", "process", "none")
+#: Problems kept for reuse by an isolated caller (the most recent ones).
+PROBLEMS_KEPT = 4
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class CandidateCaller:
         self.isolation = "process" if use_process else "none"
         self._worker = isolation_worker(impl) if use_process else None
         self._cache: dict[RequestKey, CandidateResult | CandidateError] = {}
+        self._problems: dict[tuple[str, str], Problem] = {}
         self._calls: dict[str, list[tuple[RequestKey, list[str], bool]]] = defaultdict(
             list
         )
@@ -179,8 +182,26 @@ class CandidateCaller:
         """How many calls of a case returned a result."""
         return sum(ok for _, _, ok in self._calls[case_id])
 
+    def _problem(self, case: Case, variant: str) -> Problem:
+        """The problem a call is made on.
+
+        Built afresh for an in-process candidate (it gets the very objects). A
+        worker process gets a pickled copy and never touches the harness's, so with
+        isolation the last few problems are kept and reused.
+        """
+        if self._worker is None:
+            return build_problem(case, variant, self.dtype, self.single_batch)
+        key = (case.id, variant)
+        problem = self._problems.pop(key, None)
+        if problem is None:
+            problem = build_problem(case, variant, self.dtype, self.single_batch)
+        self._problems[key] = problem  # most recent last
+        while len(self._problems) > PROBLEMS_KEPT:
+            del self._problems[next(iter(self._problems))]
+        return problem
+
     def _call(self, case: Case, key: RequestKey) -> CandidateResult | CandidateError:
-        problem = build_problem(case, key.variant, self.dtype, self.single_batch)
+        problem = self._problem(case, key.variant)
         layers = tuple(case.layers)
         shapes = layer_shapes(problem.model, layers)
         operations = None
