@@ -406,6 +406,11 @@ class LaplaceKronOperations(LaplaceKronCurvlinops):
         out: dict[str, Any] = {}
         for name in modules:
             weight = copies[name].weight
+            if id(weight) not in groups:
+                raise NotImplementedError(
+                    f"{self.name}: {name}.weight is not in laplace's parameters "
+                    "(requires_grad=False)"
+                )
             group, start, size = groups[id(weight)], offsets[id(weight)], weight.numel()
 
             def inverse_product(V, lam, start=start, size=size):
@@ -453,7 +458,11 @@ FINDINGS = [
         "the regression empirical Fisher is twice the EF of laplace's own likelihood "
         "N(f, 1), every backend",
         "curvature/curvature.py (factor = ½), curvlinops.py, asdl.py",
-        adapters=("laplace-kron-curvlinops", "laplace-kron-asdl"),
+        adapters=(
+            "laplace-kron-curvlinops",
+            "laplace-kron-asdl",
+            "laplace-kron-operations",
+        ),
     ),
     Finding(
         "L2",
