@@ -127,6 +127,32 @@ def test_regression_ef_operations_invert_twice_the_ef():
     assert torch.linalg.norm(value - once) / torch.linalg.norm(once) > 1e-2
 
 
+def test_scores_of_two_sets_of_vectors():
+    """``scores(U, V, λ) = Uᵀ K_λ⁻¹ V`` for ``U ≠ V`` too (the harness passes V, V)."""
+    problem = TANH_CE.build()
+    shapes = layer_shapes(problem.model, TANH_CE.layers)
+    vectors = probe_vectors(shapes, torch.float64)
+    lam = {"0": 0.05, "2": 0.2}
+    request = KFACRequest(
+        problem.model,
+        problem.loss_func,
+        problem.data,
+        layers=tuple(TANH_CE.layers),
+        operations=OperationsRequest(
+            "product", {k: (v,) for k, v in lam.items()}, vectors
+        ),
+    )
+    result = LaplaceKronOperations().compute(request)
+    for layer, ops in result.items():
+        V = vectors[layer]
+        generator = torch.Generator().manual_seed(1)
+        U = torch.randn(V.shape[0], 3, dtype=V.dtype, generator=generator)
+        S = ops.scores(U, V, lam[layer])
+        expected = U.T @ ops.inverse_product(V, lam[layer])
+        assert S.shape == (3, V.shape[1])
+        assert torch.linalg.norm(S - expected) / torch.linalg.norm(expected) < 1e-12
+
+
 def test_layers_with_a_bias_are_unsupported():
     records = run(
         "laplace-kron-operations",

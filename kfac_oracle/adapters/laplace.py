@@ -548,7 +548,7 @@ EXPECTATIONS = [
         "one_datum_mse_mean",
         "exact_E1_empirical_expand",
         "failed",
-        text="too large by 2",
+        text="a constant factor 2",
         finding="L1",
     ),
     Expectation(
