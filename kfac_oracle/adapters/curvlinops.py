@@ -210,6 +210,7 @@ FINDINGS = [
             "curvlinops-kfac",
             "curvlinops-kfac-inverse",
             "laplace-kron-curvlinops",
+            "laplace-kron-operations",
         ),
     ),
     Finding(
