@@ -76,9 +76,12 @@ OPERATION_CAPABILITIES: dict[str, set[str]] = {
 class OperationsRequest:
     """The operations a request asks for, with their damping and probe vectors.
 
-    Operations act on the layer's block over ``[rvec(W), b]`` with the joint bias
-    (``A`` on ``[a; 1]``), or on the weight alone for a layer without bias; vectors
-    are in that canonical layout.
+    Operations act on the layer's block over ``[rvec(W), b]`` with the bias treatment
+    ``bias``: ``"joint"`` (``A`` on ``[a; 1]``; asked of every candidate that offers
+    it) or ``"separate"`` (``blockdiag(G ⊗ A, G_b)``, asked of a candidate whose
+    ``capabilities["bias"]`` is ``{"separate"}``), or on the weight alone for a layer
+    without bias; vectors are in that canonical layout. Factor damping conventions
+    (``per_factor``, ``pi``) are defined on the joint block only.
 
     Attributes:
         convention: The damping convention (``product``, ``per_factor``, ``pi``,
@@ -86,13 +89,16 @@ class OperationsRequest:
         damping: ``{layer: (λ, ...)}``: the dampings each operation is evaluated at.
         vectors: ``{layer: V}``, ``V`` of shape ``(P, k)``: the probe vectors
             (columns) for inverse-vector products and scores.
-        operations: Which of ``inverse``, ``logdet``, ``trace``, ``scores`` are read.
+        operations: Which of the operations (``inverse``, ``logdet``, ``scores``,
+            ``trace``, ``diagonal``, ``eigenvalues``) are read.
+        bias: ``"joint"`` or ``"separate"``: the block the operations act on.
     """
 
     convention: str
     damping: Mapping[str, tuple[float, ...]]
     vectors: Mapping[str, Tensor]
     operations: tuple[str, ...] = OPERATIONS
+    bias: str = "joint"
 
 
 @dataclass

@@ -1,12 +1,17 @@
 """The damping conventions, the reference operations and the ``operations`` checks."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from kfac_oracle.capabilities import Capabilities
-from kfac_oracle.contract import KroneckerFactors, LayerOperations
+from kfac_oracle.contract import (
+    OPERATION_CAPABILITIES,
+    KroneckerFactors,
+    LayerOperations,
+)
 from kfac_oracle.damping import DampingConvention, damped_block, pi_factor
 from kfac_oracle.errors import CapabilityError
 from kfac_oracle.reference.candidate import ReferenceKFAC
@@ -289,3 +294,52 @@ def test_numbers_and_numpy_arrays_are_accepted_and_tolerances_are_stated():
         if r.check in ("op_inverse", "op_logdet", "op_scores"):
             assert "10·P·κ·eps" in r.message and "κ = " in r.message
             assert r.tolerance is not None and r.error <= r.tolerance
+
+
+# -- the separate-bias block ------------------------------------------------------
+
+
+class _SeparateOnly(ReferenceKFAC):
+    """Offers the separate-bias block only (as laplace's Kron groups do)."""
+
+    name = "separate-only"
+    capabilities = {
+        **ReferenceKFAC.capabilities,
+        **OPERATION_CAPABILITIES,
+        "bias": {"separate"},
+        "damping": {"product", "mean_eigenvalue"},
+    }
+
+
+class _JointForSeparate(_SeparateOnly):
+    """Answers a separate-bias operations request on the joint block."""
+
+    name = "joint-for-separate"
+
+    def compute(self, request):
+        if request.operations is not None:
+            request = dataclasses.replace(
+                request,
+                operations=dataclasses.replace(request.operations, bias="joint"),
+            )
+        return super().compute(request)
+
+
+BIASED = ["mlp_tanh_cro_mean", "cnn_tanh_ce_mean"]
+
+
+def test_a_separate_bias_candidate_is_checked_on_the_separate_block():
+    records = _records(_SeparateOnly(), BIASED)
+    ran = [r for r in records if r.status != "unsupported"]
+    assert {r.check for r in ran} >= {"op_inverse", "op_logdet", "op_trace"}
+    assert ran and all(r.status == "passed" for r in ran), [
+        (r.id, r.message) for r in ran if r.status != "passed"
+    ]
+
+
+def test_the_joint_block_for_a_separate_request_fails():
+    records = _records(_JointForSeparate(), BIASED)
+    failed = [r for r in records if r.status == "failed"]
+    # trace and diagonal coincide: the joint and separate blocks share their
+    # diagonal blocks
+    assert {r.check for r in failed} >= {"op_inverse", "op_logdet", "op_scores"}

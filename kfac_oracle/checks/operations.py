@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kfac_oracle.capabilities import DAMPED_OPERATIONS, OPERATIONS
 from kfac_oracle.catalogue import Case
-from kfac_oracle.checks.compare import rel_error
+from kfac_oracle.checks.compare import masked_reference, rel_error
 from kfac_oracle.checks.context import CheckContext
 from kfac_oracle.checks.exactness import positive_claims
 from kfac_oracle.checks.outcome import Outcome
@@ -87,7 +87,8 @@ class Setup:
 
     Attributes:
         ctx: The check's context.
-        flavour: The flavour asked for (joint bias).
+        flavour: The flavour asked for (joint bias, or separate for a candidate
+            that offers only that: :func:`operations_bias`).
         conventions: The declared conventions that apply to the approximation and
             are defined on the case.
     """
@@ -134,7 +135,8 @@ class Setup:
         """The candidate's operation values of the layer (a cached call)."""
         ctx = self.ctx
         declared = ctx.capabilities.operations or frozenset()
-        key = ctx.key(self.flavour.fisher_type, self.flavour.kfac_approx, bias="joint")
+        f = self.flavour
+        key = ctx.key(f.fisher_type, f.kfac_approx, bias=str(f.bias))
         damping = tuple(
             (layer, self.dampings(convention, layer)) for layer in ctx.case.layers
         )
@@ -175,24 +177,45 @@ def undefined_conventions(
     return out
 
 
-def setup(ctx: CheckContext, flavour: Flavour | None = None) -> Setup:
-    """The request of the check's layer; unsupported where nothing applies."""
+def operations_bias(ctx: CheckContext) -> BiasMode:
+    """The block operations are asked on: joint, or separate if only that is offered.
+
+    Raises:
+        Unsupported: If the candidate offers neither.
+    """
     bias = ctx.capabilities.allowed("bias")
-    if bias is not None and BiasMode.JOINT not in bias:
-        raise Unsupported(
-            "operations act on the joint-bias block; capabilities['bias'] declares "
-            f"{sorted(bias)}"
-        )
+    if bias is None or BiasMode.JOINT in bias:
+        return BiasMode.JOINT
+    if BiasMode.SEPARATE in bias:
+        return BiasMode.SEPARATE
+    raise Unsupported(
+        f"operations act on the joint or separate bias block; capabilities['bias'] "
+        f"declares {sorted(bias)}"
+    )
+
+
+def setup(ctx: CheckContext, flavour: Flavour | None = None) -> Setup:
+    """The request of the check's layer; unsupported where nothing applies.
+
+    Factor conventions apply to Kronecker products with the joint bias only.
+    """
+    bias = operations_bias(ctx)
     if flavour is None:
         ft, approx = ctx.first_supported(deterministic_fisher_types())
-        flavour = Flavour(ft, approx, BiasMode.JOINT)
+        flavour = Flavour(ft, approx, bias)
     declared = ctx.capabilities.damping or frozenset()
+    factors_defined = ctx.approximation.kronecker_product and bias == BiasMode.JOINT
     conventions = [
         c
         for c in DampingConvention
-        if c in declared
-        and (ctx.approximation.kronecker_product or not c.needs_factors)
+        if c in declared and (factors_defined or not c.needs_factors)
     ]
+    if not conventions and declared and bias == BiasMode.SEPARATE:
+        raise Unsupported(
+            f"the declared conventions {sorted(declared)} damp Kronecker factors, "
+            "which are defined on the joint-bias block only; the candidate offers "
+            "the separate-bias block"
+        )
     undefined = undefined_conventions(ctx, flavour)
     if conventions and set(conventions) <= set(undefined):
         raise Unsupported(
@@ -400,15 +423,16 @@ def hypotheses(
 
 
 def own_block(setup: Setup) -> Tensor | None:
-    """The candidate's own joint-bias block of the layer, if it returns one."""
+    """The candidate's own block of the layer (the setup's bias), if it returns one."""
     ctx, flavour = setup.ctx, setup.flavour
     try:
         result = ctx.candidate(
-            ctx.key(flavour.fisher_type, flavour.kfac_approx, bias="joint")
+            ctx.key(flavour.fisher_type, flavour.kfac_approx, bias=str(flavour.bias))
         )
     except (CandidateError, Unsupported):
         return None
-    if result.bias[setup.layer] == BiasMode.SEPARATE:
+    returned = result.bias[setup.layer]
+    if returned != BiasMode.NONE and returned != flavour.bias:
         return None
     return result.blocks[setup.layer]
 
@@ -461,11 +485,8 @@ def op_scores(ctx: CheckContext) -> Outcome:
 
 def _undamped(ctx: CheckContext, operation: str) -> tuple[Setup, Tensor]:
     """The setup and the candidate's value of an undamped operation of the layer."""
-    bias = ctx.capabilities.allowed("bias")
-    if bias is not None and BiasMode.JOINT not in bias:
-        raise Unsupported("operations act on the joint-bias block")
     ft, approx = ctx.first_supported(deterministic_fisher_types())
-    flavour = Flavour(ft, approx, BiasMode.JOINT)
+    flavour = Flavour(ft, approx, operations_bias(ctx))
     # Undamped values: any convention's request carries them (product if none).
     try:
         convention = setup(ctx, flavour).conventions[0]
@@ -622,7 +643,8 @@ def op_exact(
     operations = [op for op in DAMPED_OPERATIONS if op in declared]
     if not operations:
         raise Unsupported("no damped operation declared in capabilities['operations']")
-    s = setup(ctx, Flavour(fisher_type, kfac_approx, BiasMode.JOINT))
+    bias = operations_bias(ctx)
+    s = setup(ctx, Flavour(fisher_type, kfac_approx, bias))
     conventions = [c for c in s.conventions if not c.needs_factors]
     if not conventions:
         raise Unsupported(
@@ -630,7 +652,11 @@ def op_exact(
             f"candidate declares {[str(c) for c in s.conventions]}"
         )
     assert ctx.layer is not None
-    exact_block = ctx.references.exact_block(ctx.case, ctx.layer, kind)
+    # Separate bias: the exact block without its weight-bias cross terms (where
+    # joint KFAC is exact, separate KFAC is that).
+    exact_block = masked_reference(
+        ctx.references.exact_block(ctx.case, ctx.layer, kind), bias, ctx.module()
+    )
     overall = Worst()
     for convention in conventions:
         values = s.values(convention)
@@ -654,4 +680,30 @@ def op_exact(
         f"layer {ctx.layer} operations vs the damped exact {kind} block ({claim}), "
         f"worst at {overall.where}: {overall.error:.3e} "
         f"{'<=' if passed else '>'} 10·P·κ·eps = {overall.tol:.3e}",
+        diagnosis=None if passed else _own_block_diagnosis(s, conventions, operations),
+    )
+
+
+def _own_block_diagnosis(
+    s: Setup, conventions: list[DampingConvention], operations: list[str]
+) -> str | None:
+    """The operations are those of the candidate's own block, which is not exact."""
+    own = own_block(s)
+    if own is None:
+        return None
+    for convention in conventions:
+        values = s.values(convention)
+        for operation in operations:
+            worst = sweep(
+                operation,
+                values[operation],
+                s.dampings(convention, s.layer),
+                lambda lam, c=convention: damped_block(c, lam, own),  # type: ignore[misc]
+                s.vectors,
+            )
+            if worst is None or worst.ratio > 1:
+                return None
+    return (
+        "the operations of the candidate's own block, which differs from the exact "
+        "block where the claim makes KFAC exact (see the exactness checks)"
     )

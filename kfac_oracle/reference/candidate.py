@@ -9,11 +9,15 @@ from kfac_oracle.contract import (
     KroneckerFactors,
     LayerOperations,
 )
+from kfac_oracle.damping import DampingConvention
 from kfac_oracle.distributed.reference import DataParallelSteps
 from kfac_oracle.flavours import BiasMode, Flavour
 from kfac_oracle.problem import Problem
 from kfac_oracle.reference.kfac import KFACSteps
-from kfac_oracle.reference.operations import KroneckerOperations
+from kfac_oracle.reference.operations import (
+    KroneckerOperations,
+    SeparateBiasOperations,
+)
 
 
 class ReferenceKFAC:
@@ -62,7 +66,7 @@ class ReferenceKFAC:
         )
         bias = request.bias or self.bias
         if request.operations is not None:
-            bias = BiasMode.JOINT
+            bias = BiasMode.parse(request.operations.bias)
         flavour = Flavour(
             request.fisher_type,
             request.kfac_approx,
@@ -77,6 +81,17 @@ class ReferenceKFAC:
         if request.operations is None:
             return factors
         convention = request.operations.convention
+        if bias == BiasMode.SEPARATE:
+            if DampingConvention.parse(convention, "convention").needs_factors:
+                raise NotImplementedError(
+                    f"{convention} damping is defined on the joint-bias block only"
+                )
+            return {
+                name: SeparateBiasOperations(f, convention).layer_operations()
+                if f.bias == BiasMode.SEPARATE
+                else self.operations_class(f, convention).layer_operations()
+                for name, f in factors.items()
+            }
         return {
             name: self.operations_class(f, convention).layer_operations()
             for name, f in factors.items()

@@ -149,6 +149,97 @@ class KroneckerOperations:
         )
 
 
+class SeparateBiasOperations:
+    """Operations of the separate-bias block ``blockdiag(G ⊗ A, G_b)``.
+
+    The weight part is diagonal in ``U_G ⊗ U_A`` (eigenvalues ``γ_i α_j``), the bias
+    part in the eigenbasis of ``G_b`` (eigenvalues ``β_k``); a block convention
+    (``product``, ``mean_eigenvalue``) shifts both by the same ``c``, computed from
+    ``tr K = (Σ γ)(Σ α) + Σ β`` and ``P``. Factor conventions are defined on the joint
+    block only.
+
+    Args:
+        factors: Separate-bias factors (``bias_covariance`` ``None`` means ``G``).
+        convention: ``product`` or ``mean_eigenvalue``.
+
+    Raises:
+        ValueError: For other factors or a factor convention.
+    """
+
+    def __init__(self, factors: KroneckerFactors, convention: DampingConvention | str):
+        if factors.bias != "separate":
+            raise ValueError(f"expected separate-bias factors, got {factors.bias!r}")
+        self.convention = DampingConvention.parse(convention, "damping convention")
+        if self.convention.needs_factors:
+            raise ValueError(
+                f"{self.convention} damping is defined on the joint-bias block only"
+            )
+        A, G = factors.input_covariance, factors.gradient_covariance
+        Gb = G if factors.bias_covariance is None else factors.bias_covariance
+        self.factors = factors
+        self.alpha, self.UA = torch.linalg.eigh(A)
+        self.gamma, self.UG = torch.linalg.eigh(G)
+        self.beta, self.UB = torch.linalg.eigh(Gb)
+        self.n_weight = G.shape[0] * A.shape[0]
+
+    @property
+    def size(self) -> int:
+        """``P = d_out · d_in + d_out``."""
+        return self.n_weight + self.beta.numel()
+
+    def trace(self) -> Tensor:
+        """``tr K = tr G · tr A + tr G_b``."""
+        return self.gamma.sum() * self.alpha.sum() + self.beta.sum()
+
+    def _shift(self, damping: float) -> float:
+        return block_shift(self.convention, damping, self.trace().item(), self.size)
+
+    def inverse_product(self, V: Tensor, damping: float) -> Tensor:
+        """``K_λ⁻¹ V``: weight rows in ``U_G ⊗ U_A``, bias rows in ``G_b``'s basis."""
+        c, k, n = self._shift(damping), V.shape[1], self.n_weight
+        d_out, d_in = self.gamma.numel(), self.alpha.numel()
+        X = V[:n].reshape(d_out, d_in, k)
+        rotated = torch.einsum("pi,pqk,qj->ijk", self.UG, X, self.UA)
+        rotated = rotated / (self.gamma[:, None] * self.alpha[None, :] + c)[..., None]
+        weight = torch.einsum("ip,pqk,jq->ijk", self.UG, rotated, self.UA)
+        bias = self.UB @ ((self.UB.T @ V[n:]) / (self.beta + c)[:, None])
+        return torch.cat([weight.reshape(n, k), bias])
+
+    def logdet(self, damping: float) -> Tensor:
+        """``Σ log(γ_i α_j + c) + Σ log(β_k + c)``."""
+        c = self._shift(damping)
+        weight = (torch.outer(self.gamma, self.alpha) + c).log().sum()
+        return weight + (self.beta + c).log().sum()
+
+    def scores(self, U: Tensor, V: Tensor, damping: float) -> Tensor:
+        """``Uᵀ K_λ⁻¹ V``."""
+        return U.T @ self.inverse_product(V, damping)
+
+    def diagonal(self) -> Tensor:
+        """``[diag G ⊗ diag A, diag G_b]``."""
+        A, G = self.factors.input_covariance, self.factors.gradient_covariance
+        Gb = G if self.factors.bias_covariance is None else self.factors.bias_covariance
+        return torch.cat(
+            [torch.outer(G.diagonal(), A.diagonal()).reshape(-1), Gb.diagonal()]
+        )
+
+    def spectrum(self) -> Tensor:
+        """``γ_i α_j`` and ``β_k``, ascending."""
+        values = torch.cat([torch.outer(self.gamma, self.alpha).reshape(-1), self.beta])
+        return values.sort().values
+
+    def layer_operations(self) -> LayerOperations:
+        """These operations in the contract's form."""
+        return LayerOperations(
+            inverse_product=self.inverse_product,
+            logdet=self.logdet,
+            trace=self.trace,
+            scores=self.scores,
+            diagonal=self.diagonal,
+            eigenvalues=self.spectrum,
+        )
+
+
 class EigenbasisOperations(KroneckerOperations):
     """Operations of ``Q diag(Λ) Qᵀ`` (orthonormal ``Q``), block conventions only.
 

@@ -22,6 +22,7 @@ from kfac_oracle.catalogue import Case
 from kfac_oracle.checks.variants import make_variant
 from kfac_oracle.contract import KFACRequest, OperationsRequest
 from kfac_oracle.errors import CandidateError, CandidateUnsupported, UsageError
+from kfac_oracle.flavours import BiasMode
 from kfac_oracle.operators import keep_one_result
 from kfac_oracle.problem import Problem
 from kfac_oracle.runner import isolation
@@ -213,6 +214,7 @@ class CandidateCaller:
                 damping=dict(key.operations.damping),
                 vectors=probe_vectors(shapes, problem.dtype, problem.device),
                 operations=key.operations.operations,
+                bias=key.bias or BiasMode.JOINT.value,
             )
         request = KFACRequest(
             model=problem.model,

@@ -260,7 +260,7 @@ def materialize_operations(
             else:
                 values.append(_value(what, function(V.clone(), V.clone(), lam), (k, k)))
         tensors[name] = torch.stack(values)
-    return PlainResult("operations", tensors, bias=BiasMode.JOINT.value)
+    return PlainResult("operations", tensors, bias=operations.bias)
 
 
 def materialize(
