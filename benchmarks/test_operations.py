@@ -1,9 +1,12 @@
-"""Reference damped inverse-vector products and log-determinants (docs/theory.md §10).
+"""Damped inverse-vector products and log-determinants (docs/theory.md §10).
 
-Ids: ``test_reference_operations[<operation>-<convention>-<problem>-<device>-<dtype>]``.
-Each round is cold, as after a factor update: the eigendecompositions of ``A`` and
-``G`` of every layer (:class:`~kfac_oracle.reference.operations.KroneckerOperations`)
-and then the operation, on the reference's type-2 factors of the problem.
+Ids: ``test_reference_operations[<operation>-<convention>-<problem>-<device>-<dtype>]``
+and ``test_curvlinops_inverse[<convention>-<problem>-<device>-<dtype>]``. Each round is
+cold, as after a factor update: the eigendecompositions of ``A`` and ``G`` of every
+layer (:class:`~kfac_oracle.reference.operations.KroneckerOperations`, or curvlinops'
+``KFACInverseLinearOperator`` built on fitted factors) and then the operation, on the
+type-2 factors of the problem. The two share a benchmark group, so their ratio is
+read from one run.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ RELATIVE_DAMPING = 1e-2
 
 
 def pytest_generate_tests(metafunc):
+    if "inverse_case" in metafunc.fixturenames:
+        metafunc.parametrize("inverse_case", _inverse_cases(metafunc))
     if "operation_case" not in metafunc.fixturenames:
         return
     config = metafunc.config
@@ -44,6 +49,20 @@ def pytest_generate_tests(metafunc):
                             pytest.param(case, id="-".join(case), marks=list(marks))
                         )
     metafunc.parametrize("operation_case", params)
+
+
+def _inverse_cases(metafunc):
+    config = metafunc.config
+    params = []
+    for problem in selected_problems(config, OPERATION_PROBLEMS):
+        for convention in CONVENTIONS:
+            for dtype in ("float32", "float64"):
+                for device, marks in device_params(config):
+                    case = (convention, problem, device, dtype)
+                    params.append(
+                        pytest.param(case, id="-".join(case), marks=list(marks))
+                    )
+    return params
 
 
 def test_reference_operations(benchmark, operation_case):
@@ -86,3 +105,53 @@ def test_reference_operations(benchmark, operation_case):
     }
     result = measure(benchmark, run, device, info)
     assert set(result) == set(factors)
+
+
+def test_curvlinops_inverse(benchmark, inverse_case):
+    """Cold ``K_λ⁻¹ v`` of every layer with curvlinops' ``KFACInverseLinearOperator``.
+
+    ``product``: ``use_exact_damping=True`` at ``δ = λ``; ``pi``:
+    ``use_heuristic_damping=True`` (``min_damping=0``) at ``δ = λ``. One vector over
+    all layers (the operator is block diagonal), with one ``λ`` for all layers: the
+    mean over layers of the reference's per-layer dampings.
+    """
+    curvlinops = pytest.importorskip("curvlinops")
+    convention, problem, device, dtype = inverse_case
+    model, loss_func, data = PROBLEMS[problem].build(device, DTYPES[dtype])
+    request = make_request(model, loss_func, data, "type-2", "expand")
+    from kfac_oracle.adapters.curvlinops import operator
+
+    _, _, op, _ = operator(request, copy_model=False)
+    op.compute_kronecker_factors()
+    factors = ReferenceKFAC().compute(request)
+    means = [
+        (f.input_covariance.trace() * f.gradient_covariance.trace()).item()
+        / (f.input_covariance.shape[0] * f.gradient_covariance.shape[0])
+        for f in factors.values()
+    ]
+    damping = RELATIVE_DAMPING * sum(means) / len(means)
+    options = (
+        {"use_exact_damping": True}
+        if convention == "product"
+        else {"use_heuristic_damping": True, "min_damping": 0.0}
+    )
+    generator = torch.Generator().manual_seed(0)
+    v = torch.randn(op.shape[0], 1, generator=generator, dtype=torch.float64)
+    v = v.to(device=device, dtype=DTYPES[dtype])
+
+    def run():
+        inverse = curvlinops.KFACInverseLinearOperator(op, damping=damping, **options)
+        return inverse @ v
+
+    benchmark.group = f"operations-{problem}-{device}-{dtype}"
+    info = {
+        "problem": problem,
+        "num_params": PROBLEMS[problem].num_params(),
+        "device": device,
+        "dtype": dtype,
+        "kind": "inverse",
+        "impl": "curvlinops",
+        "convention": convention,
+    }
+    result = measure(benchmark, run, device, info)
+    assert result.shape == v.shape
