@@ -3,10 +3,10 @@
 The default catalogue's cases where the adapter applies are the bias-free deep linear
 nets (ASDL keeps every bias as a separate block, so biased layers are unsupported);
 the cases here add bias-free nonlinear nets, cross-entropy, a Conv2d layer and a
-one-datum case (E1) to them. Wrong translations of the adapter (the convention
-``PreconditioningConfig``'s docstring describes, ASDL's own Fisher scale) show that the
-checks see them, and finding ASDL 8 is pinned on ``Kron.update_inv`` itself. A missing
-ASDL skips these tests.
+one-datum case to them. Wrong translations of the adapter (the convention
+``PreconditioningConfig``'s docstring describes, ``per_factor`` without π, ASDL's own
+Fisher scale) show that the checks see them; finding ASDL 8 (π-damped factors, not
+``K + λI``) is pinned against dense matrices. A missing ASDL skips these tests.
 """
 
 from __future__ import annotations
@@ -120,7 +120,12 @@ def test_operations_are_exact_on_bias_free_nets():
     assert not bad, "\n".join(failures(bad))
 
 
-def request_for(case: Case, convention: str, damping: dict[str, float]):
+def request_for(
+    case: Case,
+    convention: str,
+    damping: dict[str, float],
+    fisher_type: str = "type-2",
+):
     problem = case.build()
     shapes = layer_shapes(problem.model, case.layers)
     vectors = probe_vectors(shapes, torch.float64)
@@ -128,6 +133,7 @@ def request_for(case: Case, convention: str, damping: dict[str, float]):
         problem.model,
         problem.loss_func,
         problem.data,
+        fisher_type=fisher_type,
         layers=tuple(case.layers),
         operations=OperationsRequest(
             convention, {k: (v,) for k, v in damping.items()}, vectors
@@ -136,14 +142,23 @@ def request_for(case: Case, convention: str, damping: dict[str, float]):
     return request, vectors
 
 
-def test_inverse_is_the_pi_damped_factors_inverse():
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+@pytest.mark.parametrize("case", [TANH_CE, SIGMOID_MSE], ids=lambda c: c.id)
+def test_inverse_is_the_pi_damped_factors_inverse(case, fisher_type):
     """``K_λ⁻¹ V`` equals the inverse of ``(G + √λ/π I) ⊗ (A + π√λ I)`` built from
-    the adapter's own factors (``asdl-fisher-exact``), and differs from ``K + λI``."""
+    the adapter's own factors (``asdl-fisher-exact``/``-emp``), and differs from
+    ``K + λI``."""
     lam = {"0": 0.05, "2": 0.2}
-    request, vectors = request_for(TANH_CE, "pi", lam)
+    request, vectors = request_for(case, "pi", lam, fisher_type)
     ops = AsdlKFACInverse().compute(request)
     factors = AsdlKFACInverse().compute(
-        KFACRequest(request.model, request.loss_func, request.data, layers=("0", "2"))
+        KFACRequest(
+            request.model,
+            request.loss_func,
+            request.data,
+            fisher_type=fisher_type,
+            layers=("0", "2"),
+        )
     )
     for layer, op in ops.items():
         A = factors[layer].input_covariance
@@ -200,6 +215,13 @@ class DocstringProduct(AsdlKFACInverse):
         return super().compute(request)
 
 
+class PerFactorClaimed(DocstringProduct):
+    """Mutant: declares ``per_factor`` (√δ on each factor, no π) for ASDL's damping."""
+
+    name = "asdl-per-factor-claimed"
+    capabilities = {**AsdlKFACInverse.capabilities, "damping": {"per_factor"}}
+
+
 class AsdlOwnScale(AsdlKFACInverse):
     """Mutant: hands ``λ`` to ASDL and returns its inverse unscaled, as if ASDL's
     Fisher ``B ⊗ A`` were the contract's ``K`` (it is ``K / (R·N·k)``)."""
@@ -215,6 +237,7 @@ class AsdlOwnScale(AsdlKFACInverse):
     ("mutant", "case", "diagnosis"),
     [
         (DocstringProduct, TANH_CE, "the pi convention"),
+        (PerFactorClaimed, TANH_CE, "the pi convention"),
         # c = R·N·k = 1 for a mean cross-entropy: the scale shows with sum MSE (2N).
         (AsdlOwnScale, SIGMOID_MSE, None),
     ],
