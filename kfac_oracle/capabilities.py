@@ -13,7 +13,8 @@ means
 ``bias``           ``joint``, ``separate`` (which treatments it can be asked for)
 ``output_ndim``    integers >= 2: the model output's number of dimensions
 ``approximation``  one of the registered approximations (``kfac``, ``ekfac``)
-``operations``     ``inverse``, ``logdet``, ``trace``, ``scores``
+``operations``     ``inverse``, ``logdet``, ``trace``, ``scores``, ``diagonal``,
+                   ``eigenvalues``
 ``damping``        ``product``, ``per_factor``, ``pi``, ``mean_eigenvalue``
 ``distributed``    ``data-parallel``: ``compute`` works under ``torch.distributed``
                    (``kfac-oracle check --world-size W``)
@@ -55,7 +56,7 @@ from kfac_oracle.flavours import BiasMode, FisherType, KFACApprox
 LOSSES = ("MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss")
 LAYERS = ("Linear", "Conv2d")
 REDUCTIONS = ("mean", "sum")
-OPERATIONS = ("inverse", "logdet", "trace", "scores")
+OPERATIONS = ("inverse", "logdet", "trace", "scores", "diagonal", "eigenvalues")
 DAMPING = DampingConvention.values()
 # Operations that invert the damped block, so need a damping convention.
 DAMPED_OPERATIONS = ("inverse", "logdet", "scores")

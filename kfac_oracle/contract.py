@@ -251,12 +251,18 @@ class LayerOperations:
         logdet: ``λ -> log det K_λ`` (a float or a 0-d tensor).
         trace: ``() -> tr K`` (undamped), or the number itself.
         scores: ``(U, V, λ) -> Uᵀ K_λ⁻¹ V``, shape ``(k_U, k_V)`` (influence scores).
+        diagonal: ``() -> diag K`` (undamped), shape ``(P,)`` in the canonical
+            layout, or the tensor itself.
+        eigenvalues: ``() -> the P eigenvalues of K`` (undamped, any order), or the
+            tensor itself.
     """
 
     inverse_product: Callable[[Tensor, float], Any] | None = None
     logdet: Callable[[float], Any] | None = None
     trace: Callable[[], Any] | float | Tensor | None = None
     scores: Callable[[Tensor, Tensor, float], Any] | None = None
+    diagonal: Callable[[], Any] | Tensor | None = None
+    eigenvalues: Callable[[], Any] | Tensor | None = None
 
 
 Result = KroneckerFactors | DenseBlock | MatVecBlock | LayerOperations

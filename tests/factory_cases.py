@@ -103,6 +103,17 @@ CASES = [
         seed=6,
     ),
     Case(
+        id="factory_pooled_transformer_ce",
+        family="factory",
+        model=tiny_pooled_transformer,
+        input_shape=(3,),
+        vocab=5,
+        loss="CrossEntropyLoss",
+        batch_sizes=(2, 1),
+        setting="reduce",
+        seed=8,
+    ),
+    Case(
         id="factory_resnet_block_ce",
         family="factory",
         model=tiny_resnet_block,

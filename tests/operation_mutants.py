@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import torch
+
 from kfac_oracle.contract import (
     FULL_CAPABILITIES,
     OPERATION_CAPABILITIES,
@@ -138,6 +140,48 @@ class TransposedEigenbasis(ReferenceEKFAC):
     transposed = True
     expected_diagnosis = "transposed eigenbasis"
 
+
+class _DiagonalCvec(KroneckerOperations):
+    """The diagonal of ``A ⊗ G`` in the joint rvec order (a cvec/rvec mix-up)."""
+
+    def diagonal(self):
+        A, G = self.factors.input_covariance, self.factors.gradient_covariance
+        return torch.outer(A.diagonal(), G.diagonal()).reshape(-1)[self.perm]
+
+
+class _EigenvaluesSummed(KroneckerOperations):
+    """The eigenvalues of the Kronecker *sum* ``γ_i + α_j`` instead of ``γ_i α_j``."""
+
+    def spectrum(self):
+        return (self.gamma[:, None] + self.alpha[None, :]).reshape(-1)
+
+
+class _DiagonalScaled(KroneckerOperations):
+    """The diagonal of ``K`` times the data count ``N`` (a sum for a mean)."""
+
+    scale = 3.0
+
+    def diagonal(self):
+        return self.scale * super().diagonal()
+
+
+#: Mistakes in the undamped operations: (candidate, check that must fail).
+SPECTRAL_MUTANTS = [
+    (
+        operations_mutant(_DiagonalCvec, "diagonal-cvec", ("product",), ""),
+        "op_diagonal",
+    ),
+    (
+        operations_mutant(_EigenvaluesSummed, "eigenvalues-summed", ("product",), ""),
+        "op_eigenvalues",
+    ),
+    (
+        operations_mutant(
+            _DiagonalScaled, "diagonal-times-3", ("product",), "a constant factor 3"
+        ),
+        "op_diagonal",
+    ),
+]
 
 OPERATION_MUTANTS = [
     operations_mutant(

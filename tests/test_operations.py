@@ -13,6 +13,7 @@ from kfac_oracle.reference.candidate import ReferenceKFAC
 from kfac_oracle.runner.run import Session, run
 from tests.operation_mutants import (
     OPERATION_MUTANTS,
+    SPECTRAL_MUTANTS,
     ReferenceEKFAC,
     TransposedEigenbasis,
 )
@@ -164,6 +165,21 @@ def test_operation_mutant_is_caught_with_its_diagnosis(mutant):
         assert mutant.expected_diagnosis in (r.diagnosis or ""), (r.id, r.diagnosis)
 
 
+@pytest.mark.parametrize(
+    ("mutant", "check_name"), SPECTRAL_MUTANTS, ids=lambda m: getattr(m, "name", m)
+)
+def test_spectral_mutant_is_caught(mutant, check_name):
+    records = _records(mutant(), [NONSINGULAR])
+    mine = [r for r in records if r.check == check_name]
+    assert mine and all(r.status == "failed" for r in mine), [
+        (r.id, r.status) for r in mine
+    ]
+    others = [r for r in records if r.check in ("op_inverse", "op_logdet", "op_trace")]
+    assert all(r.status == "passed" for r in others)
+    for r in mine:
+        assert mutant.expected_diagnosis in (r.diagnosis or "")
+
+
 # -- the contract ----------------------------------------------------------------
 
 
@@ -259,6 +275,8 @@ class _PlainNumbers(ReferenceKFAC):
                 logdet=lambda lam, o=o: float(o.logdet(lam)),
                 trace=float(o.trace()),
                 scores=o.scores,
+                diagonal=o.diagonal().numpy(),
+                eigenvalues=lambda o=o: o.eigenvalues().numpy(),
             )
             for n, o in out.items()
         }

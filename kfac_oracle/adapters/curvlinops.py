@@ -21,6 +21,7 @@ The model is deep-copied; curvlinops' hooks never touch the caller's model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import torch
@@ -142,7 +143,9 @@ class CurvlinopsKFACInverse(CurvlinopsKFAC):
     - ``use_exact_damping=True``: ``(A ⊗ G) + δI``, i.e. ``product`` at ``λ = δ``.
 
     The operator acts on every requested layer's parameters; a layer's product is
-    read from a vector that is zero outside the layer (KFAC is block diagonal).
+    read from a vector that is zero outside the layer (KFAC is block diagonal). The
+    trace is ``KFACLinearOperator.trace`` of an operator on the layer's parameters
+    alone (``tr G · tr A``, documented in ``kfac.py``).
     Curvature requests return the factors, as ``curvlinops-kfac``.
     """
 
@@ -150,7 +153,7 @@ class CurvlinopsKFACInverse(CurvlinopsKFAC):
     capabilities = {
         **CurvlinopsKFAC.capabilities,
         "bias": {"joint"},
-        "operations": {"inverse"},
+        "operations": {"inverse", "trace"},
         "damping": {"product", "per_factor", "pi"},
     }
 
@@ -186,7 +189,11 @@ class CurvlinopsKFACInverse(CurvlinopsKFAC):
                 X[start : start + size] = V
                 return (inverse @ X)[start : start + size]
 
-            out[name] = LayerOperations(inverse_product=inverse_product)
+            def trace(name=name):
+                layer = dataclasses.replace(request, layers=(name,))
+                return operator(layer, "KFACLinearOperator")[2].trace
+
+            out[name] = LayerOperations(inverse_product=inverse_product, trace=trace)
             offset += size
         return out
 

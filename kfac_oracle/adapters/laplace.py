@@ -345,7 +345,10 @@ class LaplaceKronOperations(LaplaceKronCurvlinops):
       (``log_det_posterior_precision`` sums every group);
     - ``Uᵀ K_λ⁻¹ V``: ``functional_covariance(Js)`` (``Js P⁻¹ Jsᵀ``) with the
       columns of ``U`` and ``V`` as the rows of ``Js``;
-    - ``tr K``: ``posterior_precision.diag()`` at ``prior_precision = 0``.
+    - ``tr K``: ``posterior_precision.diag()`` at ``prior_precision = 0``, summed;
+      ``diag K`` the same entries; the eigenvalues of ``K`` the outer product of
+      the layer's Kronecker eigenvalues (``KronDecomposed.eigenvalues``) at
+      ``prior_precision = 0``.
 
     ``KronLaplace(damping=True)`` documents a multiplicative damping
     (``(l1 + √δ)(l2 + √δ)``, ``per_factor`` on laplace's factors) but has no effect
@@ -360,7 +363,14 @@ class LaplaceKronOperations(LaplaceKronCurvlinops):
     name = "laplace-kron-operations"
     capabilities = {
         **LaplaceKronCurvlinops.capabilities,
-        "operations": {"inverse", "logdet", "trace", "scores"},
+        "operations": {
+            "inverse",
+            "logdet",
+            "trace",
+            "scores",
+            "diagonal",
+            "eigenvalues",
+        },
         "damping": {"product"},
     }
 
@@ -433,11 +443,23 @@ class LaplaceKronOperations(LaplaceKronCurvlinops):
             def trace(start=start, size=size):
                 return precision(0.0).diag()[start : start + size].sum()
 
+            def diagonal(start=start, size=size):
+                return precision(0.0).diag()[start : start + size]
+
+            def eigenvalues(group=group):
+                factors = precision(0.0).eigenvalues[group]
+                spectrum = factors[0]
+                for values in factors[1:]:
+                    spectrum = torch.outer(spectrum, values).reshape(-1)
+                return spectrum
+
             out[name] = LayerOperations(
                 inverse_product=inverse_product,
                 logdet=logdet,
                 trace=trace,
                 scores=scores,
+                diagonal=diagonal,
+                eigenvalues=eigenvalues,
             )
         return out
 

@@ -14,11 +14,21 @@ from dataclasses import replace
 
 from torch import Tensor, nn
 
-from kfac_oracle.checks.matrixfree import compare_operators
+from kfac_oracle.checks.matrixfree import (
+    as_operator,
+    compare_operators,
+    kronecker_norm_sq,
+    probe_format,
+)
 from kfac_oracle.checks.outcome import Outcome
 from kfac_oracle.conventions import weight_shape_2d
 from kfac_oracle.flavours import BiasMode
-from kfac_oracle.operators import is_operator
+from kfac_oracle.operators import (
+    PROBES,
+    KroneckerOperator,
+    gaussian_probes,
+    is_operator,
+)
 
 EXACT_RTOL = 1e-10
 
@@ -43,6 +53,17 @@ def block_distance(
     return rel_error(candidate.to(reference.dtype), reference)
 
 
+def block_norm(block: object) -> float:
+    """``‖K‖_F``: dense, exact from Kronecker factors, or estimated with probes."""
+    if isinstance(block, Tensor):
+        return block.norm().item()
+    if isinstance(block, KroneckerOperator):
+        return math.sqrt(kronecker_norm_sq(block))
+    operator = as_operator(block)
+    Z = gaussian_probes(operator.size, PROBES, *probe_format(operator))
+    return math.sqrt(float((operator.matmat(Z) ** 2).sum()) / Z.shape[1])
+
+
 def masked_reference(reference: Tensor, bias_mode: str, module: nn.Module) -> Tensor:
     """The reference with the weight-bias cross terms zeroed for ``"separate"``."""
     if bias_mode != BiasMode.SEPARATE:
@@ -63,14 +84,17 @@ def compare_blocks(
     what: str,
     rtol: float = EXACT_RTOL,
     basis: str = "",
+    relative_to: float | None = None,
 ) -> Outcome:
     """Compare one block with a reference block at relative Frobenius error ``rtol``.
 
     ``basis`` says where the tolerance comes from (appended to the message; a
-    float32 run's :meth:`~kfac_oracle.rounding.RoundingTolerance.describe`). The
+    float32 run's :meth:`~kfac_oracle.rounding.RoundingTolerance.describe`).
+    ``relative_to``, when given, replaces ``‖B‖_F`` as the norm the error is
+    relative to (for a reference block that vanishes in exact arithmetic). The
     outcome carries both blocks (for plots) when the comparison fails.
     """
-    outcome = _compare(candidate, reference, bias_mode, module, what, rtol)
+    outcome = _compare(candidate, reference, bias_mode, module, what, rtol, relative_to)
     if basis:
         outcome = replace(outcome, message=f"{outcome.message}; {basis}")
     return outcome
@@ -83,9 +107,12 @@ def _compare(
     module: nn.Module,
     what: str,
     rtol: float,
+    relative_to: float | None,
 ) -> Outcome:
     if is_operator(candidate) or is_operator(reference):
-        return compare_operators(candidate, reference, bias_mode, module, what, rtol)
+        return compare_operators(
+            candidate, reference, bias_mode, module, what, rtol, relative_to=relative_to
+        )
     has_bias = getattr(module, "bias", None) is not None
     if has_bias and bias_mode == BiasMode.NONE:
         d_out, d_in = weight_shape_2d(module)
@@ -99,7 +126,10 @@ def _compare(
             f"(weight block alone: relative error {err:.3e})",
         )
     reference = masked_reference(reference, bias_mode, module)
-    err = rel_error(candidate, reference)
+    if relative_to is None:
+        err = rel_error(candidate, reference)
+    else:
+        err = (candidate - reference).norm().item() / relative_to
     if err <= rtol:
         return Outcome("passed", err, rtol, f"{what}: relative error {err:.3e}")
     diff = (candidate - reference).abs()

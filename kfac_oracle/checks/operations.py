@@ -1,4 +1,4 @@
-"""Operations: damped inverses, log-determinants, traces and scores are exact.
+"""Operations: damped inverses, log-determinants, traces, scores, diagonals, spectra.
 
 For candidates that declare ``capabilities["operations"]`` (and ``"damping"``): per
 layer, each operation equals the exact value computed in float64 from the reference
@@ -6,7 +6,9 @@ block of the candidate's approximation and flavour under each declared damping
 convention (docs/theory.md §10), at dampings ``λ = ρ · tr K / P`` for ``ρ`` in
 ``1e-6 … 1e2`` (``λ = ρ`` for ``mean_eigenvalue``). Tolerance: ``10 · P · κ · eps``
 with ``κ`` the condition number of the damped matrix. Where the catalogue claims KFAC
-is exact, the operations also equal those of the damped exact block.
+is exact, the operations also equal those of the damped exact block. The undamped
+trace, diagonal and eigenvalues equal the reference block's (``10 · P · eps``;
+eigenvalues ``10 · P^{3/2} · eps``, Weyl's inequality).
 """
 
 from __future__ import annotations
@@ -457,33 +459,103 @@ def op_scores(ctx: CheckContext) -> Outcome:
     return compare_operation(setup(ctx), "scores")
 
 
-@check(targets=_per_layer("op_trace"), needs={"operations": {"trace"}})
-def op_trace(ctx: CheckContext) -> Outcome:
-    """``tr K`` (undamped) equals the reference's, to ``10 · P · eps`` relative."""
+def _undamped(ctx: CheckContext, operation: str) -> tuple[Setup, Tensor]:
+    """The setup and the candidate's value of an undamped operation of the layer."""
     bias = ctx.capabilities.allowed("bias")
     if bias is not None and BiasMode.JOINT not in bias:
         raise Unsupported("operations act on the joint-bias block")
     ft, approx = ctx.first_supported(deterministic_fisher_types())
     flavour = Flavour(ft, approx, BiasMode.JOINT)
-    # The trace is undamped: any convention's request carries it (product if none).
+    # Undamped values: any convention's request carries them (product if none).
     try:
         convention = setup(ctx, flavour).conventions[0]
     except Unsupported:
         convention = DampingConvention.PRODUCT
     s = Setup(ctx, flavour, [convention])
-    value = s.values(convention)["trace"].item()
-    K = s.block
-    exact = K.diagonal().sum().item()
-    error = abs(value - exact) / abs(exact) if exact else abs(value)
-    tol = tolerance(1.0, K.shape[0])
-    status = "passed" if error <= tol else "failed"
-    return Outcome(
-        status,
-        error,
-        tol,
-        f"layer {ctx.layer} trace {value:.10g} vs reference {exact:.10g} ({ft}, "
-        f"{approx}): relative error {error:.3e} (tolerance 10·P·eps = {tol:.1e})",
+    return s, s.values(convention)[operation]
+
+
+#: The undamped operations as functions of a dense block.
+UNDAMPED: dict[str, Callable[[Tensor], Tensor]] = {
+    "trace": lambda K: K.diagonal().sum(),
+    "diagonal": lambda K: K.diagonal(),
+    "eigenvalues": lambda K: torch.linalg.eigvalsh(K.to(torch.float64)),
+}
+
+
+def _relative(value: Tensor, exact: Tensor) -> float:
+    scale = exact.norm().item()
+    return (value - exact).norm().item() / (scale or 1.0)
+
+
+def _undamped_outcome(
+    s: Setup, operation: str, value: Tensor, tol: float, how: str
+) -> Outcome:
+    """``‖value − exact‖ / ‖exact‖ ≤ tol`` against the reference block's value.
+
+    On failure: the candidate's own block's value (the operation is right, the block
+    is not), else a constant factor (not for the trace, a single number).
+    """
+    exact = UNDAMPED[operation](s.block).reshape(-1)
+    value = value.to(exact.dtype).reshape(-1)
+    error = _relative(value, exact)
+    f = s.flavour
+    message = (
+        f"layer {s.layer} {operation} vs reference ({f.fisher_type}, "
+        f"{f.kfac_approx}): relative error {error:.3e} (tolerance {how} = {tol:.1e})"
     )
+    if error <= tol:
+        return Outcome("passed", error, tol, message)
+    diagnosis = None
+    own = own_block(s)
+    if own is not None:
+        own_value = UNDAMPED[operation](own).reshape(-1).to(exact.dtype)
+        if _relative(value, own_value) <= tol:
+            diagnosis = (
+                f"the {operation} of the candidate's own block: the operation is "
+                "right, the block differs from the reference (see the agreement "
+                "checks)"
+            )
+    if diagnosis is None and operation != "trace":
+        scale = exact.norm().item()
+        c = float(value @ exact) / (scale**2 or 1.0)
+        if c and (value - c * exact).norm().item() <= tol * abs(c) * scale:
+            diagnosis = f"a constant factor {c:.6g}"
+    return Outcome("failed", error, tol, message, diagnosis=diagnosis)
+
+
+@check(targets=_per_layer("op_trace"), needs={"operations": {"trace"}})
+def op_trace(ctx: CheckContext) -> Outcome:
+    """``tr K`` (undamped) equals the reference's, to ``10 · P · eps`` relative."""
+    s, value = _undamped(ctx, "trace")
+    tol = tolerance(1.0, s.block.shape[0])
+    return _undamped_outcome(s, "trace", value, tol, "10·P·eps")
+
+
+@check(targets=_per_layer("op_diagonal"), needs={"operations": {"diagonal"}})
+def op_diagonal(ctx: CheckContext) -> Outcome:
+    """``diag K`` (undamped, canonical layout) equals the reference block's diagonal.
+
+    Error ``‖Δd‖ / ‖diag K‖``, tolerance ``10 · P · eps``. A diagonal in another
+    layout (cvec, bias first) is a permutation of the right one and fails.
+    """
+    s, value = _undamped(ctx, "diagonal")
+    tol = tolerance(1.0, s.block.shape[0])
+    return _undamped_outcome(s, "diagonal", value, tol, "10·P·eps")
+
+
+@check(targets=_per_layer("op_eigenvalues"), needs={"operations": {"eigenvalues"}})
+def op_eigenvalues(ctx: CheckContext) -> Outcome:
+    """The eigenvalues of ``K`` (undamped; compared sorted) are the reference's.
+
+    Against ``eigvalsh`` of the dense reference block. By Weyl's inequality a
+    symmetric perturbation ``E`` moves each eigenvalue by at most ``‖E‖₂``, so a
+    backward-stable solver errs by ``O(P · eps · ‖K‖₂)`` per eigenvalue; the
+    tolerance on ``‖Δλ‖ / ‖λ‖`` is ``10 · P^{3/2} · eps``.
+    """
+    s, value = _undamped(ctx, "eigenvalues")
+    tol = 10 * s.block.shape[0] ** 1.5 * _EPS
+    return _undamped_outcome(s, "eigenvalues", value.sort().values, tol, "10·P^1.5·eps")
 
 
 def _symmetric_values(s: Setup, convention: DampingConvention) -> Tensor:

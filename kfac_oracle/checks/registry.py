@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 # Modules of kfac_oracle.checks that are infrastructure, not families.
 _INFRASTRUCTURE = {
     "registry",
+    "vanishing",
     "context",
     "outcome",
     "compare",

@@ -128,6 +128,15 @@ class KroneckerOperations:
         """``Uᵀ K_λ⁻¹ V``."""
         return U.T @ self.inverse_product(V, damping)
 
+    def diagonal(self) -> Tensor:
+        """``diag K``: ``diag(G ⊗ A) = diag G ⊗ diag A``, canonical layout."""
+        A, G = self.factors.input_covariance, self.factors.gradient_covariance
+        return torch.outer(G.diagonal(), A.diagonal()).reshape(-1)[self.perm]
+
+    def spectrum(self) -> Tensor:
+        """The eigenvalues of ``K``: ``γ_i α_j`` for every pair (ascending)."""
+        return torch.outer(self.gamma, self.alpha).reshape(-1).sort().values
+
     def layer_operations(self) -> LayerOperations:
         """These operations in the contract's form."""
         return LayerOperations(
@@ -135,6 +144,8 @@ class KroneckerOperations:
             logdet=self.logdet,
             trace=self.trace,
             scores=self.scores,
+            diagonal=self.diagonal,
+            eigenvalues=self.spectrum,
         )
 
 
@@ -181,6 +192,14 @@ class EigenbasisOperations(KroneckerOperations):
     def trace(self) -> Tensor:
         """``Σ Λ``."""
         return self.eigenvalues.sum()
+
+    def diagonal(self) -> Tensor:
+        """``diag(Q diag(Λ) Qᵀ)_i = Σ_j Q_ij² Λ_j``."""
+        return (self.Q**2) @ self.eigenvalues
+
+    def spectrum(self) -> Tensor:
+        """``Λ``, ascending."""
+        return self.eigenvalues.sort().values
 
 
 class DenseOperations:

@@ -26,7 +26,7 @@ and what is wrong.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,6 +205,14 @@ def _value(what: str, value: Any, shape: tuple[int, ...]) -> Tensor:
     return out.reshape(shape)
 
 
+#: The shapes of the undamped operations' values, for a block of ``P`` entries.
+UNDAMPED_SHAPES: dict[str, Callable[[int], tuple[int, ...]]] = {
+    "trace": lambda size: (),
+    "diagonal": lambda size: (size,),
+    "eigenvalues": lambda size: (size,),
+}
+
+
 def materialize_operations(
     where: str, value: object, operations: OperationsRequest, layer: str, size: int
 ) -> PlainResult:
@@ -212,7 +220,8 @@ def materialize_operations(
 
     The values, for ``n`` dampings and ``V`` of shape ``(P, k)``: ``"inverse"``
     ``(n, P, k)``, ``"logdet"`` ``(n,)``, ``"trace"`` ``()``, ``"scores"``
-    ``(n, k, k)`` (``scores(V, V, λ)``).
+    ``(n, k, k)`` (``scores(V, V, λ)``), ``"diagonal"`` and ``"eigenvalues"``
+    ``(P,)``.
 
     Raises:
         CandidateError: Not a ``LayerOperations``, a requested operation missing, or
@@ -236,9 +245,9 @@ def materialize_operations(
                 f"declare {name!r}"
             )
         what = f"{where} {attribute}"
-        if name == "trace":
+        if name in UNDAMPED_SHAPES:
             result = function() if callable(function) else function
-            tensors[name] = _value(what, result, ())
+            tensors[name] = _value(what, result, UNDAMPED_SHAPES[name](size))
             continue
         if not callable(function):
             raise CandidateError(f"{what} is a {type(function).__name__}, not callable")

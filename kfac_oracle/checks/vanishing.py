@@ -1,0 +1,47 @@
+"""KFAC-reduce blocks that vanish in exact arithmetic, and what they are compared with.
+
+A relative error against a block that is rounding noise is noise over noise; such a
+block is compared relative to the norm of the expand block of the same gradients
+(:func:`vanishing_reduce_block`). Used by the agreement and invariance checks.
+"""
+
+from __future__ import annotations
+
+from kfac_oracle.checks.compare import block_norm
+from kfac_oracle.checks.context import CheckContext
+from kfac_oracle.flavours import Flavour, KFACApprox
+
+#: A reduce block this much smaller than the expand block vanishes identically.
+VANISHING_RATIO = 1e-20
+
+
+def vanishing_reduce_block(
+    ctx: CheckContext, flavour: Flavour, reference: object
+) -> tuple[float, str] | None:
+    """``(‖K_expand‖, note)`` where the reference KFAC-reduce block vanishes, else None.
+
+    KFAC-reduce sums each datum's output gradients over the shared positions before
+    the outer product, ``G = Σ_n (Σ_s g_ns)(Σ_s g_ns)ᵀ``. Where the loss is invariant
+    under one shift of the layer's output at every position — the keys of softmax
+    attention: ``qᵀ(k_s + c)`` moves all scores of a query by ``qᵀc`` — the sum is
+    identically zero, so ``G`` is rounding noise (``‖K_reduce‖/‖K_expand‖ ≈ eps²``)
+    and a relative error against it is noise over noise. Such a block is compared
+    relative to the expand block of the same gradients (no cancellation), which it
+    must be negligible against.
+    """
+    assert ctx.layer is not None
+    expand = Flavour(flavour.fisher_type, KFACApprox.EXPAND, flavour.bias)
+    blocks = ctx.approximation.blocks(ctx.problem(), expand, [ctx.layer])
+    expand_norm = block_norm(blocks[ctx.layer])
+    reduce_norm = block_norm(reference)
+    if expand_norm == 0 or reduce_norm > VANISHING_RATIO * expand_norm:
+        return None
+    note = (
+        f"the reference KFAC-reduce block vanishes in exact arithmetic (‖K_reduce‖ "
+        f"= {reduce_norm / expand_norm:.1e} ‖K_expand‖: the layer's output gradients "
+        "sum to zero over the positions), so the error is relative to ‖K_expand‖"
+    )
+    return expand_norm, note
+
+
+__all__ = ["VANISHING_RATIO", "vanishing_reduce_block"]
