@@ -91,7 +91,7 @@ def failures(records) -> list[str]:
 
 
 def test_operations_are_exact_on_bias_free_nets():
-    """Inverse, trace, scores and SPD pass under pi damping, Linear and Conv2d.
+    """Inverse, trace, scores, eigenvalues and SPD pass (pi damping, Linear, Conv2d).
 
     The one-datum case carries E1 claims, whose ``op_exact`` checks compare
     ``product`` damping only: unsupported for a ``pi`` candidate, as ``op_logdet``.
@@ -109,13 +109,16 @@ def test_operations_are_exact_on_bias_free_nets():
         "op_trace",
         "op_scores",
         "op_spd",
+        "op_eigenvalues",
     }
-    # No log-determinant in ASDL; the exact blocks fix product damping only.
+    # No log-determinant or diagonal in ASDL; the exact blocks fix product damping.
     bad = [
         r
         for r in others
         if r.status != "unsupported"
-        or not (r.check == "op_logdet" or r.check.startswith("op_exact_"))
+        or not (
+            r.check in ("op_logdet", "op_diagonal") or r.check.startswith("op_exact_")
+        )
     ]
     assert not bad, "\n".join(failures(bad))
 
@@ -179,12 +182,13 @@ def test_inverse_is_the_pi_damped_factors_inverse(case, fisher_type):
         generator = torch.Generator().manual_seed(1)
         U = torch.randn(V.shape[0], 3, dtype=V.dtype, generator=generator)
         S = op.scores(U, V, lam[layer])
-        assert (
-            torch.linalg.norm(S - U.T @ exact) / torch.linalg.norm(U.T @ exact) < 1e-12
-        )
-        assert float(op.trace) == pytest.approx(
-            (G.trace() * A.trace()).item(), rel=1e-13
-        )
+        expected = U.T @ exact
+        assert torch.linalg.norm(S - expected) / torch.linalg.norm(expected) < 1e-12
+        trace = (G.trace() * A.trace()).item()
+        assert float(op.trace) == pytest.approx(trace, rel=1e-13)
+        eigenvalues = torch.linalg.eigvalsh(K)
+        value = op.eigenvalues.sort().values
+        assert torch.linalg.norm(value - eigenvalues) < 1e-13 * eigenvalues.norm()
 
 
 def test_other_conventions_and_biased_layers_are_refused():

@@ -266,7 +266,8 @@ class AsdlKFACInverse:
       (``operations/operation.py:457-466``, ``cov_kron_damping``).
     - ``Kron.mvp(W, use_inv=True)`` (lines 536-548) is ``B⁻¹_δ W A⁻¹_δ`` on the
       weight viewed ``(out, in)``: ``(B_δ ⊗ A_δ)⁻¹`` in rvec.
-    - ``Kron.trace()`` (lines 466-469) is ``tr A · tr B``.
+    - ``Kron.trace()`` (lines 466-469) is ``tr A · tr B``; ``Kron.eigenvalues()``
+      (lines 455-459) the products ``α_i β_j`` of the factors' eigenvalues, sorted.
 
     That is the ``pi`` convention of docs/theory.md §10 on ASDL's ``B ⊗ A``, up to
     the ``eps`` clamp (which acts only where ``√δ·π`` or ``√δ/π`` is below ``1e-7``).
@@ -278,9 +279,10 @@ class AsdlKFACInverse:
     Scale: the contract's block is ``K = c·(B ⊗ A)`` with ``c = R·N·k``
     (:meth:`_AsdlKron.fit`, as ``asdl-fisher-exact``/``asdl-fisher-emp``). The
     π-damped matrix is homogeneous, ``pi_λ(c·B ⊗ A) = c · pi_{λ/c}(B ⊗ A)`` (π
-    absorbs the scalar), so ``K_λ⁻¹ V = (1/c) · ASDL's inverse at δ = λ/c`` and
-    ``tr K = c · Kron.trace()``. Scores are ``Uᵀ (K_λ⁻¹ V)`` from that inverse;
-    ASDL offers no log-determinant.
+    absorbs the scalar), so ``K_λ⁻¹ V = (1/c) · ASDL's inverse at δ = λ/c``,
+    ``tr K = c · Kron.trace()`` and the eigenvalues of ``K`` are
+    ``c · Kron.eigenvalues()``. Scores are ``Uᵀ (K_λ⁻¹ V)`` from that inverse; ASDL
+    offers no log-determinant and no diagonal of a ``Kron``.
 
     A bias is ASDL's own block (``B`` applied to the bias, no cross terms) and π is
     computed from ``A`` without the bias's 1: the separate-bias block, not the
@@ -298,7 +300,7 @@ class AsdlKFACInverse:
         **{k: v for k, v in _COMMON_CAPS.items() if k != "bias"},
         "fisher_type": {"type-2", "empirical"},
         "losses": {"CrossEntropyLoss", "MSELoss"},
-        "operations": {"inverse", "trace", "scores"},
+        "operations": {"inverse", "trace", "scores", "eigenvalues"},
         "damping": {"pi"},
     }
 
@@ -360,6 +362,7 @@ class AsdlKFACInverse:
                 inverse_product=inverse_product,
                 trace=c * fisher.kron.trace(),
                 scores=scores,
+                eigenvalues=c * fisher.kron.eigenvalues(),
             )
         return out
 
