@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from kfac_oracle.adapters._common import Expectation, Finding, Library, check_request
-from kfac_oracle.contract import KFACRequest, KroneckerFactors
+from kfac_oracle.contract import KFACRequest, KroneckerFactors, LayerOperations
 
 LIBRARY = Library("asdfghjkl", "asdl", extra="asdl")
 
@@ -115,15 +115,14 @@ class _AsdlKron:
                     "padding or a non-zero padding mode"
                 )
 
-    def compute(self, request: KFACRequest) -> dict[str, KroneckerFactors]:
-        """Compute ASDL's Kronecker factors for the request's Linear/Conv2d modules.
-
-        Args:
-            request: The harness's request.
+    def fit(self, request: KFACRequest) -> tuple[dict[str, Any], float]:
+        """Run ASDL's ``FisherMaker`` over the request's batches on a model copy.
 
         Returns:
-            Module name → ``KroneckerFactors`` with ``bias="separate"`` (or ``"none"``
-            for bias-free modules), block ``G ⊗ A`` in rvec.
+            The copy's modules by name (each fitted module carries ASDL's
+            ``SymMatrix`` as ``module.fisher``, with ``fisher.kron = Kron(A, B)``) and
+            ``c = R·N·k`` with ``G = c·B`` (``k = 2`` for MSE with ``fisher_exact``/
+            ``fisher_mc``, else 1).
 
         Raises:
             NotImplementedError: If the request is outside the capabilities.
@@ -158,8 +157,22 @@ class _AsdlKron:
         factor = request.reduction_factor * N
         if request.loss_name == "MSELoss" and self._asdl_fisher_type != asdl.FISHER_EMP:
             factor *= 2.0  # ASDL's 'mse' is ½‖f − y‖² (Gaussian with var = 1).
+        return dict(model.named_modules()), factor
 
-        copies = dict(model.named_modules())
+    def compute(self, request: KFACRequest) -> dict[str, KroneckerFactors]:
+        """Compute ASDL's Kronecker factors for the request's Linear/Conv2d modules.
+
+        Args:
+            request: The harness's request.
+
+        Returns:
+            Module name → ``KroneckerFactors`` with ``bias="separate"`` (or ``"none"``
+            for bias-free modules), block ``G ⊗ A`` in rvec.
+
+        Raises:
+            NotImplementedError: If the request is outside the capabilities.
+        """
+        copies, factor = self.fit(request)
         result: dict[str, KroneckerFactors] = {}
         for name, mod in request.modules().items():
             kron = copies[name].fisher.kron
@@ -233,10 +246,132 @@ class AsdlFisherEmp(_AsdlKron):
     }
 
 
-ADAPTERS: dict[str, type[_AsdlKron]] = {
+class AsdlKFACInverse:
+    """ASDL's damped K-FAC inverse, as its K-FAC preconditioner applies it.
+
+    ``KfacGradientMaker`` (``precondition/natural_gradient.py``) inverts each layer's
+    ``Kron`` with ``matrix.update_inv(damping)`` (``update_preconditioner``, line
+    454; ``FisherMaker.replace_fisher_with_inv``, ``fisher.py:182-191``, on the
+    ``calc_inv`` path) and applies it with ``matrix.mvp(..., use_inv=True)``
+    (``_precondition_module``, lines 539-543). What these calls compute
+    (``asdl/symmatrix.py``, asdfghjkl 0.1a5):
+
+    - ``SymMatrix.update_inv(damping)`` (lines 303-314) calls
+      ``Kron.update_inv(damping)`` (lines 499-534), which damps each factor by
+      Martens & Grosse's π-heuristic: ``π = sqrt((tr A / dim A) / (tr B / dim B))``,
+      ``A + max(√δ·π, eps) I`` and ``B + max(√δ/π, eps) I`` with ``eps = 1e-7``
+      (lines 502-510; ``δ`` itself where π is 0 or infinite), each inverted by
+      ``utils.cholesky_inv(X, d) = (X + d I)⁻¹`` (``utils.py:91-96``). The operation
+      context's ``calc_inv`` path uses the same rule
+      (``operations/operation.py:457-466``, ``cov_kron_damping``).
+    - ``Kron.mvp(W, use_inv=True)`` (lines 536-548) is ``B⁻¹_δ W A⁻¹_δ`` on the
+      weight viewed ``(out, in)``: ``(B_δ ⊗ A_δ)⁻¹`` in rvec.
+    - ``Kron.trace()`` (lines 466-469) is ``tr A · tr B``; ``Kron.eigenvalues()``
+      (lines 455-459) the products ``α_i β_j`` of the factors' eigenvalues, sorted.
+
+    That is the ``pi`` convention of docs/theory.md §10 on ASDL's ``B ⊗ A``, up to
+    the ``eps`` clamp (which acts only where ``√δ·π`` or ``√δ/π`` is below ``1e-7``).
+    ``PreconditioningConfig`` documents the damping as "An identity matrix multiplied
+    by the damping value will be added to the curvature matrix before taking its
+    inverse" (``precondition/prec_grad_maker.py:52-53``), i.e. ``product``; the code
+    implements ``pi`` (finding ASDL 8). The adapter declares what the code does.
+
+    Scale: the contract's block is ``K = c·(B ⊗ A)`` with ``c = R·N·k``
+    (:meth:`_AsdlKron.fit`, as ``asdl-fisher-exact``/``asdl-fisher-emp``). The
+    π-damped matrix is homogeneous, ``pi_λ(c·B ⊗ A) = c · pi_{λ/c}(B ⊗ A)`` (π
+    absorbs the scalar), so ``K_λ⁻¹ V = (1/c) · ASDL's inverse at δ = λ/c``,
+    ``tr K = c · Kron.trace()`` and the eigenvalues of ``K`` are
+    ``c · Kron.eigenvalues()``. Scores are ``Uᵀ (K_λ⁻¹ V)`` from that inverse; ASDL
+    offers no log-determinant and no diagonal of a ``Kron``.
+
+    A bias is ASDL's own block (``B`` applied to the bias, no cross terms) and π is
+    computed from ``A`` without the bias's 1: the separate-bias block, not the
+    joint-bias one the operations are defined on. Layers with a bias are therefore
+    unsupported. Curvature requests return the factors of ``asdl-fisher-exact``
+    (type-2) or ``asdl-fisher-emp`` (empirical).
+    """
+
+    name = "asdl-kfac-inverse"
+    _fitters: ClassVar[dict[str, type[_AsdlKron]]] = {
+        "type-2": AsdlFisherExact,
+        "empirical": AsdlFisherEmp,
+    }
+    capabilities: ClassVar[dict[str, Any]] = {
+        **{k: v for k, v in _COMMON_CAPS.items() if k != "bias"},
+        "fisher_type": {"type-2", "empirical"},
+        "losses": {"CrossEntropyLoss", "MSELoss"},
+        "operations": {"inverse", "trace", "scores", "eigenvalues"},
+        "damping": {"pi"},
+    }
+
+    @staticmethod
+    def fisher_scale(factor: float) -> float:
+        """``c`` with ``K = c·(B ⊗ A)``: ``R·N·k`` from :meth:`_AsdlKron.fit`."""
+        return factor
+
+    def compute(self, request: KFACRequest) -> dict[str, Any]:
+        """Factors, or ``LayerOperations`` from ASDL's ``Kron`` inverse per layer.
+
+        Raises:
+            NotImplementedError: If the request is outside the capabilities, asks
+                for another damping convention, or has a layer with a bias.
+        """
+        fitter = self._fitters.get(request.fisher_type)
+        if fitter is None:
+            raise NotImplementedError(
+                f"{self.name}: fisher_type {request.fisher_type!r} not supported"
+            )
+        if request.operations is None:
+            return fitter().compute(request)
+        convention = request.operations.convention
+        if convention != "pi":
+            raise NotImplementedError(
+                f"{self.name}: ASDL's Kron.update_inv damps by the π-heuristic (pi), "
+                f"not {convention}"
+            )
+        modules = request.modules()
+        biased = [name for name, mod in modules.items() if mod.bias is not None]
+        if biased:
+            raise NotImplementedError(
+                f"{self.name}: layers {biased} have a bias, which ASDL's Kron keeps as "
+                "a separate block (the operations act on the joint-bias block)"
+            )
+        copies, factor = fitter().fit(request)
+        c = self.fisher_scale(factor)
+        out: dict[str, Any] = {}
+        for name in modules:
+            fisher = getattr(copies[name], "fisher", None)
+            if fisher is None or fisher.kron is None:
+                raise NotImplementedError(
+                    f"{self.name}: ASDL computed no Kron for {name!r}"
+                )
+            shape = copies[name].weight.shape
+
+            def inverse_product(V, lam, fisher=fisher, shape=shape):
+                fisher.update_inv(damping=lam / c)
+                columns = [
+                    fisher.kron.mvp(v.reshape(shape), use_inv=True).reshape(-1)
+                    for v in V.T
+                ]
+                return torch.stack(columns, dim=1) / c
+
+            def scores(U, V, lam, inverse_product=inverse_product):
+                return U.T @ inverse_product(V, lam)
+
+            out[name] = LayerOperations(
+                inverse_product=inverse_product,
+                trace=c * fisher.kron.trace(),
+                scores=scores,
+                eigenvalues=c * fisher.kron.eigenvalues(),
+            )
+        return out
+
+
+ADAPTERS: dict[str, type] = {
     AsdlFisherExact.name: AsdlFisherExact,
     AsdlFisherMC.name: AsdlFisherMC,
     AsdlFisherEmp.name: AsdlFisherEmp,
+    AsdlKFACInverse.name: AsdlKFACInverse,
 }
 
 
@@ -294,6 +429,15 @@ FINDINGS = [
         "fisher.py FisherExactMSE._fisher_loop, logits[:, i]",
         adapters=("asdl-fisher-exact",),
     ),
+    Finding(
+        "ASDL 8",
+        "new",
+        "the damping documented as 'an identity matrix multiplied by the damping value "
+        "added to the curvature matrix' (K + δI) damps each Kronecker factor by the "
+        "π-heuristic instead",
+        "prec_grad_maker.py PreconditioningConfig docstring vs symmatrix.py "
+        "Kron.update_inv; master = 0.1a5",
+    ),
 ]
 
 
@@ -313,6 +457,16 @@ EXPECTATIONS = [
         "asdl-fisher-emp",
         "one_datum_bce_binary_sum",
         "exact_*_empirical_*,agree_empirical_*,batch_split",
+    ),
+    Expectation(
+        "asdl-kfac-inverse",
+        "deep_linear_d2_nobias_mse_mean",
+        "op_inverse,op_scores,op_trace,op_spd",
+    ),
+    Expectation(
+        "asdl-kfac-inverse",
+        "deep_linear_d1_nobias_mse_sum",
+        "op_inverse,op_scores,op_trace,op_spd",
     ),
     Expectation(
         "asdl-fisher-mc",

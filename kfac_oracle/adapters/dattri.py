@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from kfac_oracle.adapters._common import Expectation, Finding, Library, check_request
-from kfac_oracle.contract import DenseBlock, KFACRequest
+from kfac_oracle.contract import DenseBlock, KFACRequest, LayerOperations
 from kfac_oracle.conventions import joint_to_canonical_permutation
 
 LIBRARY = Library("dattri", "dattri", extra="dattri")
@@ -196,9 +196,93 @@ class DattriEKFACIFVP(_DattriBase):
         return result
 
 
+class DattriEKFACInverse(_DattriBase):
+    """dattri's damped EK-FAC inverse-Fisher-vector product, on arbitrary vectors.
+
+    ``IFAttributorEKFAC.transform_test_rep(0, test_rep)`` (documented: "Test
+    representations to be transformed ... (batch_size, num_parameters)",
+    ``dattri/algorithm/influence_function.py:956-974``) applies, per tracked module,
+    ``q_sᵀ ((q_s V q_aᵀ) / (λ_EK + damping)) q_a`` (lines 1014-1020) and concatenates
+    the flattened results in ``module_name`` order (lines 1023-1026). The attributor's
+    ``damping`` ("Damping factor used for non-convexity in EK-FAC IFVP calculation",
+    ``__init__``, lines 819-820) is added to every eigenvalue: ``(F + δI)⁻¹``, the
+    ``product`` convention on dattri's EK-FAC ``F`` (:class:`DattriEKFAC`).
+
+    Scale: ``F = (1/N) Σ_n F_n`` and the contract's block is ``K = c·F`` with
+    ``c = R·N`` (:class:`DattriEKFAC`), so ``(K + λI)⁻¹ = (1/c)·(F + (λ/c) I)⁻¹``: the
+    adapter fits an attributor with ``damping = λ/c`` for each ``λ`` and divides its
+    result by ``c``. A layer's product is read from a vector that is zero outside the
+    layer (the IFVP is block diagonal over modules); input and output are taken in
+    dattri's parameter order (weight, then bias: ``named_parameters``), as its
+    attribution's inner product with the training gradients reads them.
+    ``Uᵀ K_λ⁻¹ V`` is ``Uᵀ`` times that product. dattri offers no log-determinant or
+    trace. Curvature requests return :class:`DattriEKFAC`'s blocks.
+    """
+
+    name = "dattri-ekfac-inverse"
+    capabilities = {
+        **DattriEKFAC.capabilities,
+        "operations": {"inverse", "scores"},
+        "damping": {"product"},
+    }
+
+    @staticmethod
+    def curvature_scale(request: KFACRequest) -> float:
+        """``c = R·N`` with ``K = c·F`` (:class:`DattriEKFAC`)."""
+        return request.reduction_factor * request.num_data
+
+    def compute(self, request: KFACRequest) -> dict[str, Any]:
+        """Blocks, or ``LayerOperations`` from ``transform_test_rep`` per layer.
+
+        Raises:
+            NotImplementedError: If the request is outside the capabilities or asks
+                for another damping convention.
+        """
+        if request.operations is None:
+            return DattriEKFAC().compute(request)
+        convention = request.operations.convention
+        if convention != "product":
+            raise NotImplementedError(
+                f"{self.name}: dattri adds its damping to the EK-FAC eigenvalues "
+                f"(product, K + λI), not {convention}"
+            )
+        check_request(self.name, self.capabilities, request)
+        modules = request.modules(kinds=(nn.Linear,))
+        c = self.curvature_scale(request)
+        fitted: dict[float, Any] = {}
+
+        def attributor(lam: float) -> Any:
+            if lam not in fitted:
+                fitted[lam] = self._fit(request, damping=lam / c)[0]
+            return fitted[lam]
+
+        sizes = {
+            name: sum(p.numel() for p in mod.parameters(recurse=False))
+            for name, mod in modules.items()
+        }
+        total = sum(sizes.values())
+        out: dict[str, Any] = {}
+        start = 0
+        for name, size in sizes.items():
+
+            def inverse_product(V, lam, start=start, size=size):
+                W = V.new_zeros(V.shape[1], total)
+                W[:, start : start + size] = V.T
+                Y = attributor(lam).transform_test_rep(0, W)
+                return Y[:, start : start + size].T / c
+
+            def scores(U, V, lam, inverse_product=inverse_product):
+                return U.T @ inverse_product(V, lam)
+
+            out[name] = LayerOperations(inverse_product=inverse_product, scores=scores)
+            start += size
+        return out
+
+
 ADAPTERS: dict[str, type[_DattriBase]] = {
     DattriEKFAC.name: DattriEKFAC,
     DattriEKFACIFVP.name: DattriEKFACIFVP,
+    DattriEKFACInverse.name: DattriEKFACInverse,
 }
 
 
@@ -209,7 +293,7 @@ FINDINGS = [
         "new",
         "EK-FAC is fitted in the basis of the rows of the eigenvector matrices",
         "q_s @ ∇W @ q_a.T with eigh eigenvectors as columns; unchanged on main",
-        adapters=("dattri-ekfac", "dattri-ekfac-ifvp"),
+        adapters=("dattri-ekfac", "dattri-ekfac-ifvp", "dattri-ekfac-inverse"),
     ),
     Finding(
         "D2",
@@ -217,7 +301,7 @@ FINDINGS = [
         "the IFVP reshapes [vec(W), b] as if it were [W | b], mixing weight and bias "
         "entries",
         "transform_test_rep; unchanged on main",
-        adapters=("dattri-ekfac-ifvp",),
+        adapters=("dattri-ekfac-ifvp", "dattri-ekfac-inverse"),
     ),
     Finding(
         "D3",
@@ -225,7 +309,7 @@ FINDINGS = [
         "sequence inputs, which the loss docstring describes, crash "
         "(UnboundLocalError a_prev)",
         "unchanged on main",
-        adapters=("dattri-ekfac", "dattri-ekfac-ifvp"),
+        adapters=("dattri-ekfac", "dattri-ekfac-ifvp", "dattri-ekfac-inverse"),
     ),
     Finding(
         "D4",
@@ -248,6 +332,19 @@ EXPECTATIONS = [
     Expectation("dattri-ekfac", "mlp_tanh_bce_sum", "batch_split,shuffle,wellformed"),
     Expectation(
         "dattri-ekfac-ifvp", "mlp_tanh_cro_mean", "batch_split,shuffle,mean_vs_sum"
+    ),
+    Expectation(
+        "dattri-ekfac-inverse",
+        "deep_linear_d2_nobias_mse_mean,mlp_tanh_cro_mean",
+        "op_spd",
+    ),
+    Expectation(
+        "dattri-ekfac-inverse",
+        "deep_linear_d2_nobias_mse_sum",
+        "op_inverse",
+        "failed",
+        text="the candidate's own block damped by the declared product",
+        finding="D1",
     ),
     Expectation(
         "dattri-ekfac",
