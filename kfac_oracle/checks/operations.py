@@ -266,9 +266,11 @@ class Worst:
     error: float = 0.0
     tol: float = 0.0
     where: str = ""
+    loosest: float = 0.0
 
     def add(self, error: float, tol: float, where: str) -> None:
-        """Keep the comparison if it is the worst so far."""
+        """Keep the comparison if it is the worst so far (and the loosest tolerance)."""
+        self.loosest = max(self.loosest, tol)
         ratio = error / tol if tol > 0 else math.inf
         if ratio > self.ratio:
             self.ratio, self.error, self.tol, self.where = ratio, error, tol, where
@@ -300,6 +302,16 @@ def sweep(
         tol = tolerance(dense.condition, size)
         worst.add(error, tol, f"λ = {lam:.3g} (κ = {dense.condition:.2e})")
     return worst
+
+
+#: A hypothesis is named only where its tolerance is below this at every λ: a
+#: matrix so ill-conditioned that ``10·P·κ·eps`` is large matches anything.
+DIAGNOSIS_MAX_TOL = 1e-3
+
+
+def explains(worst: Worst | None) -> bool:
+    """Whether a sweep against a hypothesis fits, with tolerances that mean it."""
+    return worst is not None and worst.ratio <= 1 and worst.loosest <= DIAGNOSIS_MAX_TOL
 
 
 def _error_name(operation: str) -> str:
@@ -446,7 +458,7 @@ def diagnose_damping(
     V = setup.vectors
     for description, matrix in hypotheses(setup, declared):
         worst = sweep(operation, values, dampings, matrix, V)
-        if worst is not None and worst.ratio <= 1:
+        if worst is not None and explains(worst):
             return (
                 f"{operation} matches {description} at every λ of the sweep "
                 f"({_error_name(operation)} {worst.error:.1e})"
@@ -701,7 +713,7 @@ def _own_block_diagnosis(
                 lambda lam, c=convention: damped_block(c, lam, own),  # type: ignore[misc]
                 s.vectors,
             )
-            if worst is None or worst.ratio > 1:
+            if not explains(worst):
                 return None
     return (
         "the operations of the candidate's own block, which differs from the exact "
