@@ -343,3 +343,15 @@ def test_the_joint_block_for_a_separate_request_fails():
     # trace and diagonal coincide: the joint and separate blocks share their
     # diagonal blocks
     assert {r.check for r in failed} >= {"op_inverse", "op_logdet", "op_scores"}
+
+
+def test_a_hypothesis_with_uninformative_tolerances_explains_nothing():
+    from kfac_oracle.checks.operations import Worst, explains
+
+    singular = Worst()
+    singular.add(1e-14, 1e-12, "λ = 1")
+    singular.add(0.3, 0.5, "λ = 1e-6 (κ huge)")  # matches, but 10·P·κ·eps = 0.5
+    assert not explains(singular)
+    informative = Worst()
+    informative.add(1e-14, 1e-12, "λ = 1")
+    assert explains(informative)
