@@ -28,6 +28,7 @@ from kfac_oracle.checks.context import CheckContext
 from kfac_oracle.checks.exactness import positive_claims
 from kfac_oracle.checks.outcome import Outcome
 from kfac_oracle.checks.registry import Target, check, family
+from kfac_oracle.checks.vanishing import vanishing_layers
 from kfac_oracle.contract import KroneckerFactors
 from kfac_oracle.conventions import kronecker_block
 from kfac_oracle.damping import (
@@ -128,6 +129,8 @@ class Setup:
             return RELATIVE_DAMPINGS
         block = self.ctx.reference(self.flavour)[layer]
         mean = block.diagonal().sum().item() / block.shape[0]
+        # a block that vanishes in exact arithmetic: λ on the scale of its gradients
+        mean = vanishing_layers(self.ctx, self.flavour).get(layer, mean)
         mean = mean if mean > 0 else 1.0
         return tuple(rho * mean for rho in RELATIVE_DAMPINGS)
 
@@ -164,6 +167,16 @@ def undefined_conventions(
         out[DampingConvention.MEAN_EIGENVALUE] = (
             "a layer has a zero block, whose mean_eigenvalue-damped matrix is singular"
         )
+    vanishing = sorted(vanishing_layers(ctx, flavour))
+    if vanishing:
+        why = (
+            f"layers {vanishing} have reduce blocks that vanish in exact arithmetic "
+            "(rounding noise)"
+        )
+        out[DampingConvention.MEAN_EIGENVALUE] = (
+            f"{why}: their mean eigenvalue is noise"
+        )
+        out[DampingConvention.PI] = f"{why}: π is a ratio of a factor's noise"
     if ctx.approximation.kronecker_product:
         factors = ctx.references.factors(ctx.case, flavour).values()
         if any(

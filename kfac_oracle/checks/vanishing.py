@@ -44,4 +44,28 @@ def vanishing_reduce_block(
     return expand_norm, note
 
 
-__all__ = ["VANISHING_RATIO", "vanishing_reduce_block"]
+def vanishes(reduce_block: object, expand_block: object) -> bool:
+    """``‖K_reduce‖ ≤ VANISHING_RATIO · ‖K_expand‖`` (and ``K_expand ≠ 0``)."""
+    expand_norm = block_norm(expand_block)
+    return expand_norm > 0 and block_norm(reduce_block) <= VANISHING_RATIO * expand_norm
+
+
+def vanishing_layers(ctx: CheckContext, flavour: Flavour) -> dict[str, float]:
+    """``{layer: mean eigenvalue of K_expand}`` of the case's vanishing reduce blocks.
+
+    Empty unless ``flavour`` is reduce; uses the cached dense references (small
+    cases).
+    """
+    if flavour.kfac_approx != KFACApprox.REDUCE:
+        return {}
+    expand = Flavour(flavour.fisher_type, KFACApprox.EXPAND, flavour.bias)
+    reduce_blocks, expand_blocks = ctx.reference(flavour), ctx.reference(expand)
+    return {
+        layer: expand_blocks[layer].diagonal().sum().item()
+        / expand_blocks[layer].shape[0]
+        for layer, block in reduce_blocks.items()
+        if vanishes(block, expand_blocks[layer])
+    }
+
+
+__all__ = ["VANISHING_RATIO", "vanishes", "vanishing_layers", "vanishing_reduce_block"]
