@@ -299,3 +299,23 @@ def test_large_factor_semi_definiteness_by_cholesky():
     bad = M - 1e-3 * M.norm() * torch.outer(v, v) / v.dot(v)
     with pytest.raises(CandidateError, match="not positive semi-definite"):
         validate_matrix("A", bad, torch.float64, "cpu")
+
+
+def test_a_matrix_free_failure_says_which_factor_differs():
+    from kfac_oracle.checks.matrixfree import factor_localisation
+    from kfac_oracle.contract import KroneckerFactors
+    from kfac_oracle.operators import KroneckerOperator
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    A = A @ A.T
+    G = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    G = G @ G.T
+    G2 = G + 0.1 * torch.eye(3, dtype=torch.float64)
+    ref = KroneckerOperator(KroneckerFactors(A, G), 3, 4)
+    other_g = KroneckerOperator(KroneckerFactors(2 * A, G2 / 2), 3, 4)
+    message = factor_localisation(other_g, ref, 1e-10)
+    assert "input factor A agrees up to scale" in message
+    assert "gradient factor G" in message
+    both = KroneckerOperator(KroneckerFactors(A + torch.eye(5).double(), G2), 3, 4)
+    assert "both factors differ" in factor_localisation(both, ref, 1e-10)

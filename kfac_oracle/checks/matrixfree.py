@@ -194,9 +194,40 @@ def compare_operators(
         diagnosis=(
             f"a constant factor {scale:.6g}: the block is {scale:.6g} × the reference"
             if scale is not None
+            else factor_localisation(candidate, reference, rtol)
+            if _factor_level(candidate, reference)
             else "no diagnosis: the block is compared matrix-free"
         ),
     )
+
+
+def factor_localisation(c: KroneckerOperator, r: KroneckerOperator, rtol: float) -> str:
+    """Which Kronecker factor differs, up to a scalar moved between the factors.
+
+    With unit-norm factors ``X̂ = X/‖X‖``: ``‖Â_c − Â_r‖`` and ``‖Ĝ_c − Ĝ_r‖``; a
+    factor within ``rtol`` agrees. Not a named pitfall, but where to look.
+    """
+    parts = []
+    for name, X1, X2 in (
+        ("input factor A", c.factors.input_covariance, r.factors.input_covariance),
+        (
+            "gradient factor G",
+            c.factors.gradient_covariance,
+            r.factors.gradient_covariance,
+        ),
+    ):
+        n1, n2 = X1.norm(), X2.norm()
+        if n1 == 0 or n2 == 0 or X1.shape != X2.shape:
+            return "no diagnosis: a Kronecker factor is zero or of another shape"
+        parts.append((name, float((X1 / n1 - X2.to(X1.dtype) / n2).norm())))
+    differ = [f"{name} (‖X̂_c − X̂_r‖ = {d:.2e})" for name, d in parts if d > rtol]
+    agree = [name for name, d in parts if d <= rtol]
+    if not differ:
+        return "no diagnosis: the unit-norm factors agree; the bias blocks differ"
+    where = " and ".join(differ)
+    if agree:
+        return f"no named cause; the {agree[0]} agrees up to scale, the {where} differs"
+    return f"no named cause; both factors differ: {where}"
 
 
 def _factor_scale(
