@@ -42,6 +42,7 @@ OPTIONS = (
     ("time_limit", "seconds per candidate call, or 'none' (default 60)"),
     ("isolation", "auto, process or none (default auto)"),
     ("world_size", "run the distributed checks on W >= 2 processes"),
+    ("dtype", "float64 or float32: the precision the candidate computes in"),
     ("json", "write the check records as JSON (serial and under pytest-xdist)"),
 )
 
@@ -227,6 +228,7 @@ def _suite(session: pytest.Session) -> ConformanceSuite | None:
             case_files=case_files,
             single_batch=config.getoption("kfac_single_batch"),
             world_size=world_size,
+            dtype=_option(config, "dtype"),
         )
         expected_mod.warn_unmatched(expected, [c.item.id for c in checks])
     except UsageError as error:

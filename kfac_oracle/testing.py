@@ -93,11 +93,14 @@ def check_items(
     case_files: Sequence[str] = (),
     single_batch: bool = False,
     world_size: int | None = None,
+    dtype: str | None = None,
 ) -> tuple[Any, list[ConformanceCheck]]:
     """``(resolved implementation, [ConformanceCheck])`` sharing one session.
 
     With ``world_size`` the checks are the distributed ones
     (:mod:`kfac_oracle.distributed`), run on one process group of that size.
+    ``dtype`` (``"float64"``/``"float32"``) forces the candidate's precision
+    (default: what its capabilities declare).
 
     Raises:
         UsageError: For an invalid implementation, capabilities, cases or selection.
@@ -109,6 +112,10 @@ def check_items(
         from kfac_oracle.distributed import run as distributed
 
         distributed.check_world_size(world_size)
+        if dtype is not None:
+            from kfac_oracle.errors import UsageError
+
+            raise UsageError("dtype does not combine with world_size")
         dist_items = distributed.select_items(case_list, checks)
         dist_session = distributed.DistributedSession.start(
             impl, world_size, time_limit, case_files
@@ -118,7 +125,7 @@ def check_items(
         ]
     items = select_items(case_list, checks, families)
     session = Session.start(
-        impl, time_limit, isolation, case_files, single_batch=single_batch
+        impl, time_limit, isolation, case_files, dtype=dtype, single_batch=single_batch
     )
     return session.resolved, [ConformanceCheck(item, session) for item in items]
 
@@ -134,6 +141,7 @@ def parametrize_with_checks(
     allow_nothing_passed: bool = False,
     single_batch: bool = False,
     world_size: int | None = None,
+    dtype: str | None = None,
 ) -> Any:
     """A ``pytest.mark.parametrize("check", ...)`` over every applicable check.
 
@@ -150,6 +158,8 @@ def parametrize_with_checks(
         single_batch: Merge each case's batches into one.
         world_size: Run the distributed checks on this many processes instead
             (``families``, ``isolation`` and ``single_batch`` do not apply).
+        dtype: ``"float32"`` to judge the candidate in float32 (measured rounding
+            tolerances; default: what its capabilities declare).
 
     Raises:
         UsageError: At collection, for an invalid implementation, capabilities,
@@ -170,6 +180,7 @@ def parametrize_with_checks(
         isolation,
         single_batch=single_batch,
         world_size=world_size,
+        dtype=dtype,
     )
     expected_mod.warn_unmatched(expected, [c.item.id for c in items])
     params = []

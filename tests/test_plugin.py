@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import scipy.linalg  # noqa: F401 - loaded before pytester snapshots sys.modules
 
 from tests.test_cli import MY_KFAC
 
@@ -67,6 +68,22 @@ def test_items_are_collected_like_tests(pytester):
     assert outcomes["failed"] == failed and "passed" not in outcomes, outcomes
 
 
+def test_float32_run(pytester):
+    result = run(
+        pytester,
+        "-p",
+        "no:cacheprovider",
+        "--kfac-impl",
+        "my_kfac:BrokenKFAC",
+        "--kfac-dtype",
+        "float32",
+        "--kfac-checks",
+        f"agree_type-2_expand[{CASE}-0]",
+    )
+    result.assert_outcomes(failed=1)
+    assert "float32 run: tolerance" in result.stdout.str()
+
+
 def test_single_check_by_id(pytester):
     result = run(
         pytester,
@@ -87,6 +104,7 @@ def test_single_check_by_id(pytester):
         (["--kfac-xfail", "missing.json"], "cannot read expected failures"),
         (["--kfac-impl", "my_kfac:Typo"], "unknown value 'type2'"),
         (["--kfac-cases", "nothing_like_this"], "no case matches"),
+        (["--kfac-dtype", "float16"], "unknown dtype 'float16'"),
     ],
 )
 def test_usage_errors(pytester, args, message):
