@@ -14,6 +14,14 @@ own spread, which a noisier or wrongly scaled candidate would widen.
   seed);
 - ``mc_exact``: where sampling has no variance, every MC result equals type-2 KFAC.
 
+Blocks too large to densify (:mod:`kfac_oracle.operators`) enter the same statistics
+through inner products of their Kronecker factors, ``⟨G₁ ⊗ A₁, G₂ ⊗ A₂⟩ =
+⟨G₁, G₂⟩⟨A₁, A₂⟩`` (:mod:`kfac_oracle.kronecker_statistics`), against null models
+from the reference's own draws, also kept as factors: the same verdicts, never a
+dense block. A candidate that gives such blocks only as products (``MatVecBlock``)
+or dense is not tested there: inner products between its blocks would need probe
+estimates, whose noise the calibration does not include.
+
 Each statistical check's probability of failing a correct implementation is at most
 1e-6 (derivation: :mod:`kfac_oracle.statistics`, docs/monte-carlo.md); for fixed seeds
 the verdict is deterministic.
@@ -23,9 +31,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
+from kfac_oracle import kronecker_statistics as ks
 from kfac_oracle import statistics as st
 from kfac_oracle.catalogue import Case
 from kfac_oracle.checks.compare import compare_blocks
@@ -36,6 +46,7 @@ from kfac_oracle.checks.registry import Target, check, family
 from kfac_oracle.diagnosis import name_scalar, named_scales, shared_positions
 from kfac_oracle.errors import Unsupported
 from kfac_oracle.flavours import FisherType, Flavour
+from kfac_oracle.operators import KroneckerOperator, block_size, too_large
 
 family(rank=3)
 
@@ -70,19 +81,45 @@ def _require_convergence(ctx: CheckContext) -> None:
         )
 
 
-def _blocks(ctx: CheckContext, kfac_approx: str) -> tuple[dict[int, torch.Tensor], str]:
-    """The candidate's blocks of the layer, ``{M: (K, P, P)}``, and its bias mode."""
+def _blocks(ctx: CheckContext, kfac_approx: str) -> tuple[dict[int, Any], str]:
+    """The candidate's blocks of the layer, ``{M: (K, P, P)}``, and its bias mode.
+
+    Blocks too large to densify stay Kronecker operators (``{M: [K operators]}``).
+
+    Raises:
+        Unsupported: If such a block is not given by Kronecker factors.
+    """
     assert ctx.layer is not None
-    out, bias = {}, None
+    out: dict[int, Any] = {}
+    bias = None
+    large = too_large(block_size(ctx.module()))
     for M, K in st.PLAN:
         results = [
             ctx.candidate(ctx.key(FisherType.MC, kfac_approx, M, seed))
             for seed in st.candidate_seeds(K)
         ]
         bias = bias or results[0].bias[ctx.layer]
-        out[M] = torch.stack([r.blocks[ctx.layer] for r in results])
+        blocks = [r.blocks[ctx.layer] for r in results]
+        if large:
+            _require_factors(ctx, blocks)
+            out[M] = blocks
+        else:
+            out[M] = torch.stack(blocks)
     assert bias is not None
     return out, bias
+
+
+def _require_factors(ctx: CheckContext, blocks: list[Any]) -> None:
+    """Blocks too large to densify must be Kronecker factors for the statistics."""
+    kinds = {type(b).__name__ for b in blocks if not isinstance(b, KroneckerOperator)}
+    if kinds:
+        raise Unsupported(
+            f"layer {ctx.layer!r} is too large to densify ({block_size(ctx.module())} "
+            f"parameters) and the candidate's MC blocks are not Kronecker factors "
+            f"({', '.join(sorted(kinds))}): the statistics need inner products "
+            "between blocks, exact from factors only (probe estimates would add "
+            "noise the calibration does not include)"
+        )
 
 
 def _verdict(ctx: CheckContext, kfac_approx: str) -> tuple[st.Verdict, dict, dict]:
@@ -129,7 +166,7 @@ def _diagnose_converges(
     B = {M: nulls[M].mean for M in blocks}
     scales = {M: st.fit_scale(blocks[M], B[M]) for M in blocks}
     if all(math.isfinite(c) for c in scales.values()):
-        hypothesis = {M: scales[M] * B[M] for M in blocks}
+        hypothesis = {M: st.scaled(B[M], scales[M]) for M in blocks}
         if st.mean_consistent(blocks, hypothesis, nulls, scales).passed:
             return _name_scales(ctx, scales)
     assert ctx.layer is not None
@@ -137,7 +174,8 @@ def _diagnose_converges(
     flavour = Flavour("empirical", kfac_approx, ctx.reference_bias(bias))
     ef = ctx.references.kfac_blocks(ctx.case, flavour)[ctx.layer]
     c = {M: st.fit_scale(blocks[M], ef) for M in blocks}
-    if st.mean_consistent(blocks, {M: c[M] * ef for M in blocks}, nulls, c).passed:
+    alternative = {M: st.scaled(ef, c[M]) for M in blocks}
+    if st.mean_consistent(blocks, alternative, nulls, c).passed:
         why = "true labels used instead of sampled ones (empirical Fisher)"
         if all(abs(x - 1) < 1e-3 for x in c.values()):
             return why
@@ -175,6 +213,7 @@ def _name_scales(ctx: CheckContext, scales: dict[int, float]) -> str:
 @check(
     targets=lambda case: convergence_claims(case, "mc_converges"),
     diagnose=_diagnose_converges,
+    matrix_free=True,
 )
 def mc_converges(ctx: CheckContext, *, fisher_type: str, kfac_approx: str) -> Outcome:
     """The mean of MC-KFAC over seeds is type-2 KFAC, at every M (E6).
@@ -204,6 +243,7 @@ def _diagnose_variance(ctx: CheckContext, outcome: Outcome, **_: object) -> str:
 @check(
     targets=lambda case: convergence_claims(case, "mc_variance"),
     diagnose=_diagnose_variance,
+    matrix_free=True,
 )
 def mc_variance(ctx: CheckContext, *, fisher_type: str, kfac_approx: str) -> Outcome:
     """The spread of MC-KFAC over seeds is that of M independent samples per datum.
@@ -234,14 +274,15 @@ def zero_variance_claims(case: Case) -> Iterator[Target]:
 ZERO_VARIANCE_CALLS = ((1, 0), (2, 1), (7, 2))
 
 
-@check(targets=zero_variance_claims, diagnose=diagnose_layer)
+@check(targets=zero_variance_claims, diagnose=diagnose_layer, matrix_free=True)
 def mc_exact(ctx: CheckContext, *, fisher_type: str, kfac_approx: str) -> Outcome:
     """Where sampling has no variance, MC-KFAC equals type-2 KFAC for any M and seed.
 
     With two-class cross-entropy at equal logits (p = ½) or BCE at logit 0 (σ = ½)
     every sampled gradient outer product equals the loss Hessian, so each MC result
     must equal the type-2 block to a relative error of 1e-10 (docs/theory.md E6):
-    every error in the MC normalisation or sampling scale shows exactly.
+    every error in the MC normalisation or sampling scale shows exactly. Blocks too
+    large to densify are compared matrix-free (factor level or probes).
     """
     assert ctx.layer is not None
     worst: Outcome | None = None
@@ -276,8 +317,14 @@ def _zero_variance_diagnosis(
 ) -> str | None:
     """Name a constant factor between the MC and the type-2 block, if there is one."""
     from kfac_oracle.diagnosis import fit_scalar
+    from kfac_oracle.diagnosis.fit import FIT_RTOL
 
-    c = fit_scalar(C, B)
+    if isinstance(C, KroneckerOperator) and isinstance(B, KroneckerOperator):
+        c = ks.fit_scalar(C, B, FIT_RTOL)
+    elif isinstance(C, torch.Tensor) and isinstance(B, torch.Tensor):
+        c = fit_scalar(C, B)
+    else:
+        return None
     if c is None:
         return None
     problem = ctx.problem()
