@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 
@@ -81,54 +82,144 @@ def _require_convergence(ctx: CheckContext) -> None:
         )
 
 
-def _blocks(ctx: CheckContext, kfac_approx: str) -> tuple[dict[int, Any], str]:
-    """The candidate's blocks of the layer, ``{M: (K, P, P)}``, and its bias mode.
+#: Numbers of Kronecker factors held at once when the seeds of several large layers
+#: are swept together (each sweep calls the candidate ``Σ K`` = 64 times).
+SWEEP_NUMBERS = 2**26
 
-    Blocks too large to densify stay Kronecker operators (``{M: [K operators]}``).
+# Verdicts of large layers, per candidate caller: ``{(case, layer, approx): ...}``.
+_LARGE_VERDICTS: WeakKeyDictionary[object, dict[tuple[str, str, str], Any]] = (
+    WeakKeyDictionary()
+)
 
-    Raises:
-        Unsupported: If such a block is not given by Kronecker factors.
+
+def _blocks(
+    ctx: CheckContext, kfac_approx: str, layers: list[str] | None = None
+) -> tuple[dict[str, dict[int, Any]], dict[str, str]]:
+    """The candidate's blocks ``{layer: {M: (K, P, P)}}`` and bias modes.
+
+    ``layers`` defaults to the check's layer. Blocks too large to densify stay
+    Kronecker operators (``{M: [K operators]}``).
     """
     assert ctx.layer is not None
-    out: dict[int, Any] = {}
-    bias = None
-    large = too_large(block_size(ctx.module()))
+    layers = [ctx.layer] if layers is None else layers
+    out: dict[str, dict[int, Any]] = {layer: {} for layer in layers}
+    bias: dict[str, str] = {}
     for M, K in st.PLAN:
         results = [
             ctx.candidate(ctx.key(FisherType.MC, kfac_approx, M, seed))
             for seed in st.candidate_seeds(K)
         ]
-        bias = bias or results[0].bias[ctx.layer]
-        blocks = [r.blocks[ctx.layer] for r in results]
-        if large:
-            _require_factors(ctx, blocks)
-            out[M] = blocks
-        else:
-            out[M] = torch.stack(blocks)
-    assert bias is not None
+        for layer in layers:
+            bias.setdefault(layer, results[0].bias[layer])
+            blocks = [r.blocks[layer] for r in results]
+            if too_large(block_size(ctx.module(layer))):
+                out[layer][M] = blocks
+            else:
+                out[layer][M] = torch.stack(blocks)
     return out, bias
 
 
-def _require_factors(ctx: CheckContext, blocks: list[Any]) -> None:
+def _unsupported_blocks(
+    ctx: CheckContext, layer: str, blocks: dict[int, Any]
+) -> Unsupported | None:
     """Blocks too large to densify must be Kronecker factors for the statistics."""
-    kinds = {type(b).__name__ for b in blocks if not isinstance(b, KroneckerOperator)}
-    if kinds:
-        raise Unsupported(
-            f"layer {ctx.layer!r} is too large to densify ({block_size(ctx.module())} "
-            f"parameters) and the candidate's MC blocks are not Kronecker factors "
-            f"({', '.join(sorted(kinds))}): the statistics need inner products "
-            "between blocks, exact from factors only (probe estimates would add "
-            "noise the calibration does not include)"
-        )
+    kinds = {
+        type(b).__name__
+        for by_m in blocks.values()
+        for b in by_m
+        if not isinstance(b, KroneckerOperator)
+    }
+    if not kinds:
+        return None
+    return Unsupported(
+        f"layer {layer!r} is too large to densify ({block_size(ctx.module(layer))} "
+        f"parameters) and the candidate's MC blocks are not Kronecker factors "
+        f"({', '.join(sorted(kinds))}): the statistics need inner products between "
+        "blocks, exact from factors only (probe estimates would add noise the "
+        "calibration does not include)"
+    )
 
 
-def _verdict(ctx: CheckContext, kfac_approx: str) -> tuple[st.Verdict, dict, dict]:
-    """The statistical verdict of the layer, with the blocks and null models."""
-    blocks, bias = _blocks(ctx, kfac_approx)
-    nulls = ctx.references.mc_nulls(ctx.case, kfac_approx, ctx.reference_bias(bias))
+def _sweep_group(ctx: CheckContext, kfac_approx: str) -> list[str]:
+    """The check's large layer and the next ones with an MC claim, within budget."""
     assert ctx.layer is not None
-    layer_nulls = nulls[ctx.layer]
-    return st.mc_verdict(blocks, layer_nulls), blocks, layer_nulls
+    claimed = [
+        t.layer
+        for t in convergence_claims(ctx.case, "")
+        if t.kfac_approx == kfac_approx
+        and t.layer is not None
+        and too_large(block_size(ctx.module(t.layer)))
+    ]
+    done = _LARGE_VERDICTS.get(ctx.caller, {})
+    start = claimed.index(ctx.layer) if ctx.layer in claimed else 0
+    group: list[str] = []
+    numbers = 0
+    calls = sum(K for _, K in st.PLAN)
+    for layer in [ctx.layer] + claimed[start + 1 :]:
+        if (ctx.case.id, layer, kfac_approx) in done:
+            continue
+        module = ctx.module(layer)
+        cost = calls * _factor_numbers(module)
+        if group and numbers + cost > SWEEP_NUMBERS:
+            break
+        group.append(layer)
+        numbers += cost
+    return group
+
+
+def _factor_numbers(module: Any) -> int:
+    """Entries of ``A`` (with a bias column) and ``G`` of a module."""
+    from kfac_oracle.conventions import weight_shape_2d
+
+    d_out, d_in = weight_shape_2d(module)
+    return (d_in + 1) ** 2 + 2 * d_out**2
+
+
+def _verdict(
+    ctx: CheckContext, kfac_approx: str
+) -> tuple[st.Verdict, dict | None, dict]:
+    """The statistical verdict of the layer, with the blocks and null models.
+
+    For a layer too large to densify the candidate's seeds are swept once for it
+    and the next large layers with an MC claim (:data:`SWEEP_NUMBERS`), and the
+    verdicts are kept for the run (``mc_converges`` and ``mc_variance`` share one);
+    the blocks are then not returned (``None``).
+
+    Raises:
+        Unsupported: If a large layer's MC blocks are not Kronecker factors.
+    """
+    assert ctx.layer is not None
+    if not too_large(block_size(ctx.module())):
+        blocks, bias = _blocks(ctx, kfac_approx)
+        nulls = ctx.references.mc_nulls(
+            ctx.case, kfac_approx, ctx.reference_bias(bias[ctx.layer])
+        )
+        layer_nulls = nulls[ctx.layer]
+        mine = blocks[ctx.layer]
+        return st.mc_verdict(mine, layer_nulls), mine, layer_nulls
+    key = (ctx.case.id, ctx.layer, kfac_approx)
+    done = _LARGE_VERDICTS.setdefault(ctx.caller, {})
+    if key not in done:
+        group = _sweep_group(ctx, kfac_approx)
+        blocks, bias = _blocks(ctx, kfac_approx, group)
+        for layer in group:
+            problem = _unsupported_blocks(ctx, layer, blocks[layer])
+            if problem is not None:
+                done[(ctx.case.id, layer, kfac_approx)] = problem
+                continue
+            nulls = ctx.references.mc_nulls(
+                ctx.case, kfac_approx, ctx.reference_bias(bias[layer])
+            )
+            done[(ctx.case.id, layer, kfac_approx)] = (
+                st.mc_verdict(blocks[layer], nulls[layer]),
+                nulls[layer],
+            )
+        del blocks
+    found = done[key]
+    if isinstance(found, Unsupported):
+        raise found
+    verdict, layer_nulls = found
+    return verdict, None, layer_nulls
 
 
 def _outcome(verdict: st.Verdict, names: tuple[str, ...], what: str) -> Outcome:
@@ -160,6 +251,9 @@ def _diagnose_converges(
     Each hypothesis is tested with the verdict's own mean tests at the same levels.
     """
     verdict, blocks, nulls = _verdict(ctx, kfac_approx)
+    if blocks is None:  # a large layer: the blocks again, for this layer only
+        assert ctx.layer is not None
+        blocks = _blocks(ctx, kfac_approx)[0][ctx.layer]
     failed = {t.name for t in verdict.failures}
     if failed & {"finite", "shape"}:
         return "ill-formed MC results (shape or NaN/inf)"

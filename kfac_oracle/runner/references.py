@@ -290,13 +290,14 @@ class ReferenceCache:
                         draws[layer], mean[layer], M
                     )
             if large:
-                for d in reference_draw_factors(  # means are Kronecker operators
+                for d in reference_draw_factors(
                     problem, flavour, statistics.REFERENCE_DRAWS, large
                 ):
                     B: Any = mean[d.layer]
                     nulls[d.layer][M] = statistics.kronecker_null_model(
                         d.gradient_covariances, d.input_covariance, B, M
                     )
+                    del d  # one layer's draws at a time
         return nulls
 
     def ambiguous(
