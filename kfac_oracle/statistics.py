@@ -87,6 +87,15 @@ of ``B`` (e.g. ``c · B_alt``; the null spread is scaled by ``|c|``). With ``H_M
 reproduces the verdict's mean tests exactly, so a failed verdict is never diagnosed as
 "within the statistical bound".
 
+**Blocks too large to densify.** Every statistic above is a function of inner
+products ``⟨X, Y⟩`` between blocks: ``u``, ``‖C̄ − H‖²_F``, ``s²``, and from the Gram
+matrix ``Γ_rs = ⟨Y_r, Y_s⟩`` of the draws ``tr Σ̂ = tr Γ / R``, ``V̂`` (the variance
+of ``Γ_rr``), ``‖Σ̂‖²_F`` and ``λ_max`` (``Σ̂ = (1/R) Σ_r vec Y_r vec Y_rᵀ`` and
+``Γ/R`` share their nonzero eigenvalues). For Kronecker blocks each comes from the
+factors, ``⟨G₁ ⊗ A₁, G₂ ⊗ A₂⟩ = ⟨G₁, G₂⟩⟨A₁, A₂⟩``, with differences written without
+cancellation (:mod:`kfac_oracle.kronecker_statistics`); the tests, levels and null
+model are the same (:func:`kronecker_null_model`).
+
 References: E. S. Pearson, Biometrika 46 (1959) 364; J. P. Imhof, Biometrika 48 (1961)
 419-426; H. Liu, Y. Tang, H. H. Zhang, Comput. Stat. Data Anal. 53 (2009) 853-856;
 F. E. Satterthwaite, Biometrics Bull. 2 (1946) 110-114; G. E. P. Box, Biometrika 40
