@@ -179,6 +179,14 @@ def test_reference_passes_mc_and_invariance_on_a_large_case(case_id, shared_refe
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case_id", sorted(set(BY_ID) - set(MC_CASES)))
+def test_reference_passes_the_invariances_on_the_other_large_cases(case_id):
+    records = run(ReferenceKFAC(), [BY_ID[case_id]], families=["invariance"])
+    bad = [(r.id, r.status, r.message) for r in records if r.status != "passed"]
+    assert records and not bad
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mutant",
     [m for m in MUTANTS if m.name not in DETERMINISTIC],

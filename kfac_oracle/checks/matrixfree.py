@@ -219,6 +219,23 @@ def block_size_of(block: Any) -> int:
     return int(block.shape[0]) if isinstance(block, Tensor) else int(block.size)
 
 
+def frobenius_norm(block: Any) -> float:
+    """``‖K‖_F`` of a block: exact for tensors and Kronecker factors, else estimated.
+
+    A probed operator's ``√((1/k) Σ_j ‖K z_j‖²)`` (unbiased for ``‖K‖_F²``).
+    """
+    if isinstance(block, Tensor):
+        return float(block.norm())
+    if isinstance(block, KroneckerOperator):
+        return kronecker_statistics.norm(block)
+    if isinstance(block, DenseOperator):
+        return float(block.matrix.norm())
+    if isinstance(block, ProbedOperator):
+        k = block.products.shape[1]
+        return math.sqrt(float((block.products**2).sum()) / k)
+    raise TypeError(f"no Frobenius norm for a {type(block).__name__}")
+
+
 def operator_error(
     candidate: Any,
     reference: Any,
@@ -296,6 +313,7 @@ __all__ = [
     "block_size_of",
     "chernoff_chi2",
     "compare_operators",
+    "frobenius_norm",
     "kronecker_distance",
     "miss_probability",
     "operator_error",

@@ -44,6 +44,7 @@ from kfac_oracle.checks.context import CheckContext
 from kfac_oracle.checks.diagnose import diagnose_layer
 from kfac_oracle.checks.outcome import Outcome
 from kfac_oracle.checks.registry import Target, check, family
+from kfac_oracle.conventions import weight_shape_2d
 from kfac_oracle.diagnosis import name_scalar, named_scales, shared_positions
 from kfac_oracle.errors import Unsupported
 from kfac_oracle.flavours import FisherType, Flavour
@@ -168,9 +169,7 @@ def _sweep_group(ctx: CheckContext, kfac_approx: str) -> list[str]:
 
 
 def _factor_numbers(module: Any) -> int:
-    """Entries of ``A`` (with a bias column) and ``G`` of a module."""
-    from kfac_oracle.conventions import weight_shape_2d
-
+    """Entries of ``A`` (with a bias column), ``G`` and a separate bias block."""
     d_out, d_in = weight_shape_2d(module)
     return (d_in + 1) ** 2 + 2 * d_out**2
 
