@@ -6,10 +6,10 @@ matrix-free (README, "The large family"). Data sets are small (a few data points
 that the exact references run on two CPU cores.
 
 - ``large_deep_linear_mse``: a deep linear MLP with 1.19M parameters, MSE; every
-  layer's type-2 KFAC equals its GGN block (E2);
+  layer's type-2 KFAC equals its GGN block (E2), and MC-KFAC converges to it (E6);
 - ``large_conv_pool_mse``: a wide Conv2d (512 channels) → global average pool
   (``nn.AdaptiveAvgPool2d``) → Linear, MSE; KFAC-reduce exact for the conv (E5)
-  and the linear layer (E2);
+  and the linear layer (E2), MC-KFAC-reduce converges to it (E6);
 - ``large_resnet18_ce``: a ResNet-18-shaped network (basic blocks, eval-mode
   BatchNorm; 11.2M parameters) on 8×8 images, cross-entropy;
 - ``large_transformer_token_ce``: a 6-block pre-norm transformer of width 256
@@ -21,7 +21,7 @@ that the exact references run on two CPU cores.
 from torch import nn
 
 from kfac_oracle.architectures import ResNet, Transformer
-from kfac_oracle.catalogue import Case, exact
+from kfac_oracle.catalogue import Case, exact, mc_converges
 
 DEEP_LINEAR_WIDTHS = (256, 512, 512, 512, 512, 512, 10)
 
@@ -71,7 +71,7 @@ CASES = [
         input_shape=(256,),
         loss="MSELoss",
         batch_sizes=(3, 2),
-        claims={name: [exact("E2")] for name in DEEP_LINEAR_LAYERS},
+        claims={name: [exact("E2"), mc_converges()] for name in DEEP_LINEAR_LAYERS},
         seed=101,
         description="deep linear MLP, 1.19M parameters, MSE: E2 on every layer",
         opt_in=True,
@@ -85,8 +85,8 @@ CASES = [
         batch_sizes=(3, 2),
         setting="reduce",
         claims={
-            "0": [exact("E5", kfac_approx="reduce")],
-            "3": [exact("E2", kfac_approx="reduce")],
+            "0": [exact("E5", kfac_approx="reduce"), mc_converges("reduce")],
+            "3": [exact("E2", kfac_approx="reduce"), mc_converges("reduce")],
         },
         seed=102,
         description="wide conv, global average pool, linear, MSE: E5 reduce",

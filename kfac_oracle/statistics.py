@@ -87,6 +87,15 @@ of ``B`` (e.g. ``c · B_alt``; the null spread is scaled by ``|c|``). With ``H_M
 reproduces the verdict's mean tests exactly, so a failed verdict is never diagnosed as
 "within the statistical bound".
 
+**Blocks too large to densify.** Every statistic above is a function of inner
+products ``⟨X, Y⟩`` between blocks: ``u``, ``‖C̄ − H‖²_F``, ``s²``, and from the Gram
+matrix ``Γ_rs = ⟨Y_r, Y_s⟩`` of the draws ``tr Σ̂ = tr Γ / R``, ``V̂`` (the variance
+of ``Γ_rr``), ``‖Σ̂‖²_F`` and ``λ_max`` (``Σ̂ = (1/R) Σ_r vec Y_r vec Y_rᵀ`` and
+``Γ/R`` share their nonzero eigenvalues). For Kronecker blocks each comes from the
+factors, ``⟨G₁ ⊗ A₁, G₂ ⊗ A₂⟩ = ⟨G₁, G₂⟩⟨A₁, A₂⟩``, with differences written without
+cancellation (:mod:`kfac_oracle.kronecker_statistics`); the tests, levels and null
+model are the same (:func:`kronecker_null_model`).
+
 References: E. S. Pearson, Biometrika 46 (1959) 364; J. P. Imhof, Biometrika 48 (1961)
 419-426; H. Liu, Y. Tang, H. H. Zhang, Comput. Stat. Data Anal. 53 (2009) 853-856;
 F. E. Satterthwaite, Biometrics Bull. 2 (1946) 110-114; G. E. P. Box, Biometrika 40
@@ -106,6 +115,10 @@ import numpy as np
 import torch
 from scipy import optimize, stats
 from torch import Tensor
+
+from kfac_oracle import kronecker_statistics as ks
+from kfac_oracle.kronecker_statistics import KroneckerBlocks
+from kfac_oracle.operators import KroneckerOperator
 
 #: Nodes of the quadrature over ``χ²_ν`` in :func:`_ratio_quantile`.
 QUADRATURE_NODES = 400
@@ -143,7 +156,9 @@ class NullModel:
 
     Attributes:
         mc_samples: ``M``.
-        mean: ``B``, the type-2 KFAC block (the exact mean of every draw).
+        mean: ``B``, the type-2 KFAC block (the exact mean of every draw): a tensor,
+            or a :class:`~kfac_oracle.operators.KroneckerOperator` for a block too
+            large to densify (:func:`kronecker_null_model`).
         num_draws: ``R``.
         scale_var: ``σ̂²`` of ``u = ⟨D, B⟩/⟨B, B⟩`` about its known mean 1.
         scale_skew: Sample skewness of ``u``.
@@ -156,7 +171,7 @@ class NullModel:
     """
 
     mc_samples: int
-    mean: Tensor
+    mean: Tensor | KroneckerOperator
     num_draws: int
     scale_var: float
     scale_skew: float
@@ -205,12 +220,56 @@ def null_model(
     Y = (D - B).reshape(R, -1)
     bb = float((B * B).sum())
     sq = (Y * Y).sum(1)
+    gram = Y @ Y.T / R  # nonzero eigenvalues of Σ̂
+    v = Y @ B.reshape(-1) / bb if bb > 0 else None
+    return _summarise(B, mc_samples, bb, sq, gram, v)
+
+
+def kronecker_null_model(
+    draws: Tensor,
+    input_covariance: Tensor,
+    mean: KroneckerOperator,
+    mc_samples: int = 0,
+    bias_draws: Tensor | None = None,
+) -> NullModel:
+    """:func:`null_model` of draws ``D_r = G_r ⊗ A`` too large to densify.
+
+    The same statistics from the inner products of the factors
+    (:func:`kfac_oracle.kronecker_statistics.draw_moments`): ``‖Y_r‖²_F = Γ_rr``,
+    ``Σ̂``'s nonzero eigenvalues those of ``Γ/R``, ``u(D_r) − 1 = ⟨Y_r, B⟩/⟨B, B⟩``,
+    with ``Γ_rs = ⟨Y_r, Y_s⟩`` and ``Y_r = D_r − B``; equal to :func:`null_model` of
+    the dense blocks up to rounding.
+
+    Args:
+        draws: ``(R, d_out, d_out)`` gradient factors of the draws (overwritten).
+        input_covariance: ``A``, shared by every draw.
+        mean: ``B``, the reference type-2 KFAC block as a Kronecker operator.
+        mc_samples: ``M`` (recorded only).
+        bias_draws: Separate bias only: the draws' bias blocks (default ``G_r``).
+    """
+    R = draws.shape[0]
+    if R < 20:
+        raise ValueError(f"need at least 20 reference draws, got {R}")
+    m = ks.draw_moments(draws, input_covariance, mean, bias_draws)
+    bb = m.mean_sq
+    v = m.along / bb if bb > 0 else None
+    return _summarise(mean, mc_samples, bb, m.gram.diagonal(), m.gram / R, v)
+
+
+def _summarise(
+    B: Tensor | KroneckerOperator,
+    mc_samples: int,
+    bb: float,
+    sq: Tensor,
+    gram: Tensor,
+    v: Tensor | None,
+) -> NullModel:
+    """The :class:`NullModel` from ``‖Y_r‖²``, ``Γ/R`` and ``⟨Y_r, B⟩/⟨B, B⟩``."""
+    R = sq.shape[0]
     total = float(sq.mean())
     zero = math.sqrt(total) <= ZERO_SPREAD_RTOL * math.sqrt(bb) or total == 0.0
-    gram = Y @ Y.T / R  # nonzero eigenvalues of Σ̂
     eig = torch.linalg.eigvalsh(gram)
-    if bb > 0:
-        v = Y @ B.reshape(-1) / bb
+    if v is not None:
         var = float((v * v).mean())  # about the known mean: R degrees of freedom
         # shape about the sample mean: standard error √(6/R) of the skewness (about
         # the known mean it would be √(15/R))
@@ -327,29 +386,110 @@ def allocate(mc_samples: Sequence[int], false_alarm: float = FALSE_ALARM):
     return dict.fromkeys(names, a)
 
 
-def _stack(blocks) -> Tensor:
-    out = torch.stack(list(blocks)) if not isinstance(blocks, Tensor) else blocks
-    return out.detach().to("cpu", torch.float64)
+Blocks = Tensor | KroneckerBlocks
+Block = Tensor | KroneckerOperator
 
 
-def _sanity(blocks: Tensor, null: NullModel, M: int) -> list[StatResult]:
+def _stack(blocks) -> Blocks:
+    """``(K, P, P)`` dense blocks, or :class:`KroneckerBlocks` for Kronecker operators.
+
+    Every statistic below is computed from inner products of blocks: entrywise for
+    dense blocks, from the factors for Kronecker ones
+    (:mod:`kfac_oracle.kronecker_statistics`).
+    """
+    if isinstance(blocks, KroneckerBlocks):
+        return blocks
+    if not isinstance(blocks, Tensor):
+        items = list(blocks)
+        if items and all(isinstance(b, KroneckerOperator) for b in items):
+            return KroneckerBlocks(tuple(items))
+        blocks = torch.stack(items)
+    return blocks.detach().to("cpu", torch.float64)
+
+
+def _center(block: Block) -> Block:
+    if isinstance(block, KroneckerOperator):
+        return block
+    return block.detach().to("cpu", torch.float64)
+
+
+def _count(C: Blocks) -> int:
+    return len(C) if isinstance(C, KroneckerBlocks) else C.shape[0]
+
+
+def _inner(X: Block, Y: Block) -> float:
+    """``⟨X, Y⟩ = Σ_ij X_ij Y_ij`` (Kronecker: ``⟨G₁, G₂⟩⟨A₁, A₂⟩`` …)."""
+    if isinstance(X, KroneckerOperator) and isinstance(Y, KroneckerOperator):
+        ks.require_same_layout(X, Y)
+        return ks.inner(ks.terms(X), ks.terms(Y))
+    assert isinstance(X, Tensor) and isinstance(Y, Tensor)
+    return float((X * Y).sum())
+
+
+def _norm(X: Block) -> float:
+    return ks.norm(X) if isinstance(X, KroneckerOperator) else float(X.norm())
+
+
+def _along(C: Blocks, B: Block) -> Tensor:
+    """``(⟨C_k, B⟩)_k``."""
+    if isinstance(C, KroneckerBlocks):
+        assert isinstance(B, KroneckerOperator)
+        return C.along(B)
+    assert isinstance(B, Tensor)
+    return (C * B).sum((1, 2))
+
+
+def _mean_deviation_sq(C: Blocks, H: Block) -> float:
+    """``‖C̄ − H‖²_F``."""
+    if isinstance(C, KroneckerBlocks):
+        assert isinstance(H, KroneckerOperator)
+        return C.mean_deviation_sq(H)
+    assert isinstance(H, Tensor)
+    return float(((C.mean(0) - H) ** 2).sum())
+
+
+def _spread_sq(C: Blocks) -> float:
+    """``Σ_k ‖C_k − C̄‖²_F``."""
+    if isinstance(C, KroneckerBlocks):
+        return C.spread_sq()
+    return float(((C - C.mean(0)) ** 2).sum())
+
+
+def _layouts(blocks: Blocks, mean: Block) -> tuple[object, object]:
+    """What must agree between the blocks and the mean: shapes, or Kronecker layouts."""
+    got = blocks.layout() if isinstance(blocks, KroneckerBlocks) else blocks.shape[1:]
+    want = ks.layout(mean) if isinstance(mean, KroneckerOperator) else mean.shape
+    return tuple(got) if got is not None else None, tuple(want)
+
+
+def _sanity(blocks: Blocks, null: NullModel, M: int) -> list[StatResult]:
     """Shape and finiteness; empty when both hold."""
-    if blocks.shape[1:] != null.mean.shape:
-        d = f"M={M}: block shape {tuple(blocks.shape[1:])}, expected " + str(
-            tuple(null.mean.shape)
-        )
+    got, want = _layouts(blocks, null.mean)
+    if got != want:
+        d = f"M={M}: block shape {got}, expected " + str(want)
         return [StatResult("shape", M, math.nan, None, 0.0, 0.0, False, d)]
-    if not torch.isfinite(blocks).all():
+    if isinstance(blocks, KroneckerBlocks):
+        bad = blocks.nonfinite()
+    elif not torch.isfinite(blocks).all():
         bad = int((~torch.isfinite(blocks)).flatten(1).any(1).sum())
-        d = f"M={M}: {bad} of {blocks.shape[0]} blocks contain NaN or inf"
+    else:
+        bad = 0
+    if bad:
+        d = f"M={M}: {bad} of {_count(blocks)} blocks contain NaN or inf"
         return [StatResult("finite", M, math.nan, None, 0.0, 0.0, False, d)]
     return []
 
 
-def _exact(blocks: Tensor, center: Tensor, M: int, what: str) -> StatResult:
+def _exact(blocks: Blocks, center: Block, M: int, what: str) -> StatResult:
     """Every block equals ``center`` (zero reference spread)."""
-    scale = max(float(center.norm()), float(blocks.flatten(1).norm(dim=1).max()))
-    err = float((blocks - center).flatten(1).norm(dim=1).max()) / max(scale, 1e-300)
+    if isinstance(blocks, KroneckerBlocks):
+        assert isinstance(center, KroneckerOperator)
+        scale = max(ks.norm(center), float(blocks.norms().max()))
+        err = float(blocks.deviations(center).max()) / max(scale, 1e-300)
+    else:
+        assert isinstance(center, Tensor)
+        scale = max(float(center.norm()), float(blocks.flatten(1).norm(dim=1).max()))
+        err = float((blocks - center).flatten(1).norm(dim=1).max()) / max(scale, 1e-300)
     ok = err <= EXACT_RTOL
     d = (
         f"M={M}: the reference MC-KFAC does not vary here, so every block must "
@@ -360,7 +500,7 @@ def _exact(blocks: Tensor, center: Tensor, M: int, what: str) -> StatResult:
 
 def mean_tests(
     blocks,
-    center: Tensor,
+    center: Block,
     null: NullModel,
     alpha_scale: float,
     alpha_frobenius: float | None = None,
@@ -388,16 +528,16 @@ def mean_tests(
     bad = _sanity(C, null, M)
     if bad:
         return bad
-    H = center.detach().to("cpu", torch.float64)
+    H = _center(center)
     if null.zero_spread:
         return [_exact(C, H, M, what)]
-    K = C.shape[0]
+    K = _count(C)
     s = abs(spread_scale)
     out = []
     B = null.mean
-    bb = float((B * B).sum())
-    u = (C * B).sum((1, 2)) / bb
-    u0 = float((H * B).sum()) / bb
+    bb = _inner(B, B)
+    u = _along(C, B) / bb
+    u0 = _inner(H, B) / bb
     sigma = s * math.sqrt(null.scale_var)
     diff = float(u.mean()) - u0
     if sigma > 0:
@@ -421,12 +561,12 @@ def mean_tests(
         )
     )
     if alpha_frobenius is not None:
-        dev = float(((C.mean(0) - H) ** 2).sum())
+        dev = _mean_deviation_sq(C, H)
         tr = s**2 * null.total_var
         TF = K * dev / tr if tr > 0 else math.inf
         thr = _frobenius_threshold(alpha_frobenius, null)
-        rel = math.sqrt(dev) / max(float(H.norm()), 1e-300)
-        rel_bound = math.sqrt(thr * tr / K) / max(float(H.norm()), 1e-300)
+        rel = math.sqrt(dev) / max(_norm(H), 1e-300)
+        rel_bound = math.sqrt(thr * tr / K) / max(_norm(H), 1e-300)
         out.append(
             StatResult(
                 "frobenius",
@@ -457,11 +597,11 @@ def spread_tests(blocks, null: NullModel, alpha: float) -> list[StatResult]:
         return bad
     if null.zero_spread:
         return [_exact(C, null.mean, M, "type-2 KFAC")]
-    K = C.shape[0]
+    K = _count(C)
     if K < 2:
         raise ValueError("the spread tests need at least two seeds")
     B = null.mean
-    u = (C * B).sum((1, 2)) / float((B * B).sum())
+    u = _along(C, B) / _inner(B, B)
     kurt = max(null.scale_kurt, 3.0)
     f_u = 2 / (2 / (K - 1) + (kurt - 3) / K)
     ratio_u = float(u.var()) / null.scale_var if null.scale_var > 0 else math.inf
@@ -492,13 +632,13 @@ def spread_tests(blocks, null: NullModel, alpha: float) -> list[StatResult]:
     return results
 
 
-def _total_spread(C: Tensor, null: NullModel) -> tuple[float, float]:
+def _total_spread(C: Blocks, null: NullModel) -> tuple[float, float]:
     """``s² / tr Σ̂`` and the degrees of freedom ``f_c`` of ``s²``."""
-    K = C.shape[0]
+    K = _count(C)
     tr, tr2 = null.total_var, null.frob_sq
     V = max(null.total_var_var, 2 * tr2)
     var_s2 = (V - 2 * tr2) / K + 2 * tr2 / (K - 1)
-    s2 = float(((C - C.mean(0)) ** 2).sum()) / (K - 1)
+    s2 = _spread_sq(C) / (K - 1)
     return s2 / tr, 2 * tr**2 / var_s2
 
 
@@ -520,7 +660,7 @@ def pooled_spread_test(
     for M in sorted(candidate):
         null = nulls[M]
         C = _stack(candidate[M])
-        if null.zero_spread or _sanity(C, null, M) or C.shape[0] < 2:
+        if null.zero_spread or _sanity(C, null, M) or _count(C) < 2:
             continue
         r, f = _total_spread(C, null)
         ratios.append(r)
@@ -625,7 +765,7 @@ def mc_verdict(
 
 def mean_consistent(
     candidate: Mapping[int, Tensor | Sequence[Tensor]],
-    hypothesis: Mapping[int, Tensor],
+    hypothesis: Mapping[int, Block],
     nulls: Mapping[int, NullModel],
     spread_scale: Mapping[int, float] | float = 1.0,
     false_alarm: float = FALSE_ALARM,
@@ -657,12 +797,25 @@ def mean_consistent(
     )
 
 
-def fit_scale(blocks, hypothesis: Tensor) -> float:
-    """Least-squares ``c`` with ``mean(blocks) ≈ c · hypothesis``."""
-    C = _stack(blocks).mean(0)
+def fit_scale(blocks, hypothesis: Block) -> float:
+    """Least-squares ``c`` with ``mean(blocks) ≈ c · hypothesis``: ``⟨C̄, H⟩/⟨H, H⟩``."""
+    stacked = _stack(blocks)
+    if isinstance(stacked, KroneckerBlocks):
+        assert isinstance(hypothesis, KroneckerOperator)
+        hh = _inner(hypothesis, hypothesis)
+        return float(stacked.along(hypothesis).mean()) / hh if hh > 0 else math.nan
+    assert isinstance(hypothesis, Tensor)
+    C = stacked.mean(0)
     H = hypothesis.detach().to("cpu", torch.float64)
     hh = float((H * H).sum())
     return float((C * H).sum()) / hh if hh > 0 else math.nan
+
+
+def scaled(block: Block, c: float) -> Block:
+    """``c · block`` (a Kronecker operator stays one: ``c`` on ``G``)."""
+    if isinstance(block, KroneckerOperator):
+        return ks.scaled(block, c)
+    return c * block
 
 
 def _num(blocks) -> int:

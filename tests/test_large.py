@@ -11,7 +11,7 @@ from torch import nn
 from kfac_oracle.architectures import PreNormBlock, SelfAttention
 from kfac_oracle.catalogue import builtin_case_dir, load_cases
 from kfac_oracle.reference.candidate import ReferenceKFAC
-from kfac_oracle.runner.run import run
+from kfac_oracle.runner.run import Session, run
 from tests.mutants import MUTANTS, MSEHalf
 
 
@@ -50,6 +50,7 @@ def test_deep_linear_mlp_has_a_million_parameters_and_e2_everywhere():
     assert all(isinstance(m, nn.Linear) for m in model)
     assert set(case.claims) == {str(i) for i in range(len(model))}
     assert all(c[0].equivalence == "E2" for c in case.claims.values())
+    assert all(c[1].statement == "mc_convergence" for c in case.claims.values())
 
 
 def test_conv_pool_uses_the_standard_pool_in_the_reduce_setting():
@@ -101,7 +102,7 @@ def test_a_mutant_is_caught_matrix_free_on_the_large_family():
 
 
 # Caught by agreement and exactness alone; the Monte-Carlo mutants and stale
-# parameters need the MC and invariance checks, which need dense blocks.
+# parameters by the MC and invariance checks (matrix-free too, below).
 DETERMINISTIC = {
     "reduction_ignored",
     "mse_mean_over_N",
@@ -130,3 +131,71 @@ def test_deterministic_mutants_are_caught_matrix_free_on_a_large_case(mutant):
     case = BY_ID["large_conv_pool_mse"]
     records = run(mutant(), [case], families=MATRIX_FREE, isolation="none")
     assert any(r.status in ("failed", "error") for r in records)
+
+
+# The MC statistics (from Kronecker factors) and the invariances, matrix-free.
+STATISTICAL = ["mc", "invariance"]
+# MSE cases whose every layer is too large to densify, with MC-convergence claims.
+MC_CASES = ["large_conv_pool_mse", "large_deep_linear_mse"]
+
+
+@pytest.fixture(scope="module")
+def shared_references():
+    """One reference cache (and MC null models) for every candidate of the module."""
+    session = Session.start(ReferenceKFAC(), isolation="none")
+    yield session.references
+    session.close()
+
+
+def _run_sharing(candidate, case, families, references):
+    session = Session.start(candidate, isolation="none")
+    session.references = references
+    try:
+        return run(None, [case], families=families, session=session)
+    finally:
+        session.close()
+
+
+def test_mc_and_invariance_checks_run_on_blocks_too_large_to_densify():
+    from kfac_oracle.checks.registry import checks
+
+    assert all(spec.matrix_free for spec in checks("mc"))
+    assert all(spec.matrix_free for spec in checks("invariance"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case_id", MC_CASES)
+def test_reference_passes_mc_and_invariance_on_a_large_case(case_id, shared_references):
+    case = BY_ID[case_id]
+    records = _run_sharing(ReferenceKFAC(), case, STATISTICAL, shared_references)
+    bad = [(r.id, r.status, r.message) for r in records if r.status != "passed"]
+    assert not bad
+    ran = {r.check for r in records}
+    assert {"mc_converges_expand", "mc_variance_expand"} <= ran or {
+        "mc_converges_reduce",
+        "mc_variance_reduce",
+    } <= ran
+    assert {"current_parameters", "batch_split", "mc_reproducible"} <= ran
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case_id", sorted(set(BY_ID) - set(MC_CASES)))
+def test_reference_passes_the_invariances_on_the_other_large_cases(case_id):
+    records = run(ReferenceKFAC(), [BY_ID[case_id]], families=["invariance"])
+    bad = [(r.id, r.status, r.message) for r in records if r.status != "passed"]
+    assert records and not bad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mutant",
+    [m for m in MUTANTS if m.name not in DETERMINISTIC],
+    ids=lambda m: m.name,
+)
+def test_every_other_mutant_is_caught_matrix_free_on_a_large_case(
+    mutant, shared_references
+):
+    case = BY_ID["large_conv_pool_mse"]
+    records = _run_sharing(mutant(), case, STATISTICAL, shared_references)
+    caught = [r for r in records if r.status in ("failed", "error")]
+    assert caught, f"{mutant.name} passed every matrix-free MC and invariance check"

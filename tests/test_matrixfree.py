@@ -251,11 +251,66 @@ def test_dense_only_checks_are_unsupported_on_large_blocks(monkeypatch):
     records = run(
         ReferenceKFAC(),
         "deep_linear_d2_bias_mse_mean",
-        families=["invariance"],
+        families=["operations"],
         isolation="none",
     )
     assert records and all(r.status == "unsupported" for r in records)
     assert "exceed the dense limit of 0 parameters" in records[0].message
+
+
+# MC convergence (MSE, expand), zero variance (two-class CE at equal logits).
+MC_SMALL = "mlp_tanh_mse_mean,mc_zero_variance_ce2_mean"
+STATISTICAL = ["mc", "invariance"]
+
+
+def _statistical(impl, monkeypatch, limit):
+    monkeypatch.setattr(operators, "DENSE_LIMIT", limit)
+    records = run(impl, MC_SMALL, families=STATISTICAL, isolation="none")
+    return {r.id: r for r in records}
+
+
+def _same_records(dense, free):
+    assert dense.keys() == free.keys()
+    for key, d in dense.items():
+        f = free[key]
+        assert f.status == d.status, (key, d.message, f.message)
+        if d.error is None or not math.isfinite(d.error):
+            continue
+        assert f.error == pytest.approx(d.error, rel=1e-6, abs=1e-12), key
+
+
+@pytest.mark.parametrize(
+    "impl", [ReferenceKFAC, m.MCNoOneOverM, m.StaleParameters], ids=lambda c: c.name
+)
+def test_mc_and_invariance_verdicts_matrix_free_equal_the_dense_ones(impl, monkeypatch):
+    """The MC statistics from factors and the invariances by operators."""
+    dense = _statistical(impl(), monkeypatch, operators.DENSE_LIMIT)
+    free = _statistical(impl(), monkeypatch, 0)
+    _same_records(dense, free)
+    statuses = {r.status for r in free.values()}
+    assert "unsupported" not in statuses
+    ran = {r.check for r in free.values()}
+    assert {"mc_converges_expand", "mc_variance_expand", "mc_exact_expand"} <= ran
+    if impl is ReferenceKFAC:
+        assert statuses == {"passed"}
+    else:
+        assert "failed" in statuses
+
+
+def test_mc_checks_need_factors_for_blocks_too_large_to_densify(monkeypatch):
+    """A large MC block known by products only cannot enter the statistics."""
+    from tests.candidates import Dense
+
+    matvec = type("MatVecReference", (Dense,), {"form": "matvec"})
+    monkeypatch.setattr(operators, "DENSE_LIMIT", 0)
+    records = run(
+        matvec(),
+        "mlp_tanh_mse_mean",
+        checks="mc_converges*",
+        isolation="none",
+    )
+    assert records and all(r.status == "unsupported" for r in records)
+    assert "not Kronecker factors (ProbedOperator)" in records[0].message
 
 
 @pytest.mark.slow

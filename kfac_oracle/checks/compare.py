@@ -15,18 +15,12 @@ from dataclasses import replace
 from torch import Tensor, nn
 
 from kfac_oracle.checks.matrixfree import (
-    as_operator,
     compare_operators,
-    kronecker_norm_sq,
-    probe_format,
 )
 from kfac_oracle.checks.outcome import Outcome
 from kfac_oracle.conventions import weight_shape_2d
 from kfac_oracle.flavours import BiasMode
 from kfac_oracle.operators import (
-    PROBES,
-    KroneckerOperator,
-    gaussian_probes,
     is_operator,
 )
 
@@ -51,17 +45,6 @@ def block_distance(
         return math.inf if outcome.error is None else outcome.error
     assert isinstance(candidate, Tensor) and isinstance(reference, Tensor)
     return rel_error(candidate.to(reference.dtype), reference)
-
-
-def block_norm(block: object) -> float:
-    """``‖K‖_F``: dense, exact from Kronecker factors, or estimated with probes."""
-    if isinstance(block, Tensor):
-        return block.norm().item()
-    if isinstance(block, KroneckerOperator):
-        return math.sqrt(kronecker_norm_sq(block))
-    operator = as_operator(block)
-    Z = gaussian_probes(operator.size, PROBES, *probe_format(operator))
-    return math.sqrt(float((operator.matmat(Z) ** 2).sum()) / Z.shape[1])
 
 
 def masked_reference(reference: Tensor, bias_mode: str, module: nn.Module) -> Tensor:

@@ -14,23 +14,43 @@ Frobenius error 1e-10:
   candidates offering both);
 - ``mc_reproducible``: the same seed twice → the same MC results; another seed →
   different ones.
+
+Where the candidate is compared with itself (``batch_split``, ``shuffle``,
+``mean_vs_sum``, ``flattened_output``), a block below ``ε`` (float64 machine epsilon)
+times the case's largest block counts as zero to rounding.
+
+Blocks too large to densify are compared matrix-free
+(:func:`kfac_oracle.checks.matrixfree.operator_error`): exactly from the Kronecker
+factors where both sides have them (identical factors give exactly 0, as identical
+dense blocks do), else with Gaussian probes (``ΔK = 0`` gives exactly 0; a nonzero
+``ΔK`` is estimated without bias).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
+from torch import nn
 
+from kfac_oracle import kronecker_statistics as ks
 from kfac_oracle.catalogue import Case
 from kfac_oracle.checks.compare import EXACT_RTOL, masked_reference, rel_error
 from kfac_oracle.checks.context import CheckContext
+from kfac_oracle.checks.matrixfree import (
+    block_size_of,
+    frobenius_norm,
+    operator_error,
+    scaled_operator,
+)
 from kfac_oracle.checks.outcome import Outcome, verdict
 from kfac_oracle.checks.registry import Target, check, family
 from kfac_oracle.diagnosis import fit_scalar, precision_diagnosis
 from kfac_oracle.errors import Unsupported
 from kfac_oracle.flavours import FisherType, Flavour, deterministic_fisher_types
+from kfac_oracle.operators import KroneckerOperator, is_operator
 from kfac_oracle.runner.validate import CandidateResult
 
 family(rank=4)
@@ -78,8 +98,36 @@ def _unique_layers(
     return layers
 
 
+def _block_error(
+    candidate: Any, reference: Any, bias_mode: str, module: nn.Module
+) -> float:
+    """``‖C − B‖_F / ‖B‖_F``: entrywise, or matrix-free for operators."""
+    if is_operator(candidate) or is_operator(reference):
+        return operator_error(candidate, reference, bias_mode, module, EXACT_RTOL)
+    return rel_error(candidate, reference)
+
+
+def _same_shape(a: Any, b: Any) -> bool:
+    if is_operator(a) or is_operator(b):
+        if isinstance(a, KroneckerOperator) and isinstance(b, KroneckerOperator):
+            return ks.layout(a) == ks.layout(b)
+        return block_size_of(a) == block_size_of(b)
+    return a.shape == b.shape
+
+
+#: Blocks below this fraction of the case's largest block are zero to rounding.
+ROUNDING = float(torch.finfo(torch.float64).eps)
+
+
 def _compare_with_itself(ctx: CheckContext, *, variant: str, what: str) -> Outcome:
-    """The candidate under ``variant`` equals itself (``sum``: scaled by ``1/R``)."""
+    """The candidate under ``variant`` equals itself (``sum``: scaled by ``1/R``).
+
+    Error ``‖K_base − K_variant‖_F / max(‖K_variant‖_F, ε · max_l ‖K_l‖_F)`` per
+    layer, ``ε`` the float64 machine epsilon: a block that is zero in exact
+    arithmetic but rounding noise in practice (keys of attention under KFAC-reduce,
+    whose position-summed gradient vanishes by the softmax's shift invariance) is
+    compared at the rounding level of the case, not with its own noise.
+    """
     ft, approx = ctx.first_supported(deterministic_fisher_types())
     base = ctx.candidate(ctx.key(ft, approx))
     other = ctx.candidate(ctx.key(ft, approx, variant=variant))
@@ -90,12 +138,22 @@ def _compare_with_itself(ctx: CheckContext, *, variant: str, what: str) -> Outco
             "EKFAC is not unique for any layer here (repeated eigenvalues)"
         )
     worst_layer, worst = None, -1.0
+    norms = {layer: frobenius_norm(other.blocks[layer]) for layer in layers}
+    floor = ROUNDING * max(norms.values())
     for layer in layers:
-        if base.blocks[layer].shape != other.blocks[layer].shape:
+        b, o = base.blocks[layer], other.blocks[layer]
+        if not _same_shape(b, o):
             return Outcome(
                 "failed", None, EXACT_RTOL, f"{what}: layer {layer} changed shape"
             )
-        err = rel_error(base.blocks[layer] * scale, other.blocks[layer])
+        if is_operator(b) or is_operator(o):
+            err = _block_error(
+                scaled_operator(b, scale), o, other.bias[layer], ctx.module(layer)
+            )
+        else:
+            err = rel_error(b * scale, o)
+        if norms[layer] < floor:  # zero to rounding: relative to the floor instead
+            err = err * norms[layer] / floor if norms[layer] > 0 else err / floor
         if err > worst:
             worst_layer, worst = layer, err
     return verdict(
@@ -118,6 +176,7 @@ def _diagnose_variant(
 @check(
     targets=_variant_targets("batch_split", "split", "re-split batches"),
     diagnose=_diagnose_variant,
+    matrix_free=True,
 )
 def batch_split(ctx: CheckContext, *, variant: str, what: str) -> Outcome:
     """Re-splitting the data into other unequal batches leaves the blocks unchanged."""
@@ -127,6 +186,7 @@ def batch_split(ctx: CheckContext, *, variant: str, what: str) -> Outcome:
 @check(
     targets=_variant_targets("shuffle", "shuffle", "shuffled data"),
     diagnose=_diagnose_variant,
+    matrix_free=True,
 )
 def shuffle(ctx: CheckContext, *, variant: str, what: str) -> Outcome:
     """Permuting the data points (and re-splitting them) leaves the blocks unchanged."""
@@ -150,8 +210,8 @@ def _diagnose_stale(ctx: CheckContext, outcome: Outcome) -> str:
     ref_new = ctx.reference(flavour, "perturbed")
     ref_old = ctx.reference(flavour)
     layers = ctx.case.layers
-    depends = any(not torch.allclose(ref_new[k], ref_old[k]) for k in layers)
-    same = all(torch.equal(moved.blocks[k], base.blocks[k]) for k in layers)
+    depends = any(_differ(ctx, ref_new[k], ref_old[k], k) for k in layers)
+    same = all(_identical(ctx, moved.blocks[k], base.blocks[k], k) for k in layers)
     if depends and same:
         return "stale parameters: results do not follow the current parameter values"
     if ctx.approximation.name == "kfac":
@@ -159,6 +219,27 @@ def _diagnose_stale(ctx: CheckContext, outcome: Outcome) -> str:
         if stale:
             return stale
     return "differs from the reference at the new parameters as at the old ones"
+
+
+def _differ(ctx: CheckContext, new: Any, old: Any, layer: str) -> bool:
+    """``not allclose(new, old)`` (matrix-free: relative difference above 1e-8)."""
+    if is_operator(new) or is_operator(old):
+        module = ctx.module(layer)
+        mode = getattr(new, "factors", None)
+        bias = mode.bias if mode is not None else "joint"
+        return _block_error(new, old, bias, module) > 1e-8
+    return not torch.allclose(new, old)
+
+
+def _identical(ctx: CheckContext, a: Any, b: Any, layer: str) -> bool:
+    """``a`` and ``b`` are the same block (matrix-free: a difference of exactly 0)."""
+    if is_operator(a) or is_operator(b):
+        if not _same_shape(a, b):
+            return False
+        module = ctx.module(layer)
+        bias = getattr(getattr(b, "factors", None), "bias", "joint")
+        return _block_error(a, b, bias, module) == 0.0
+    return torch.equal(a, b)
 
 
 def _stale_factor(
@@ -184,6 +265,15 @@ def _stale_factor(
                 ),
             ),
         ):
+            moved_block = moved.blocks[layer]
+            if is_operator(moved_block):
+                if _stale_operator(ctx, moved_block, mixed, f_new, layer):
+                    return (
+                        f"stale {stale} (layer {layer}): computed at the old "
+                        "parameters, the other factor at the new ones "
+                        "(docs/theory.md §7, pitfall 10)"
+                    )
+                continue
             block = masked_reference(
                 kronecker_block(mixed), moved.bias[layer], ctx.module(layer)
             )
@@ -200,7 +290,23 @@ def _stale_factor(
     return None
 
 
-@check(targets=current_parameters_targets, diagnose=_diagnose_stale)
+def _stale_operator(
+    ctx: CheckContext, moved: Any, mixed: Any, fresh: Any, layer: str
+) -> bool:
+    """Whether a large Kronecker block is a multiple of the half-stale factors."""
+    if not isinstance(moved, KroneckerOperator):
+        return False
+    module = ctx.module(layer)
+    half = KroneckerOperator(mixed, moved.d_out, moved.d_in)
+    new = KroneckerOperator(fresh, moved.d_out, moved.d_in)
+    if ks.layout(half) != ks.layout(moved):
+        return False
+    if _block_error(half, new, fresh.bias, module) <= 1e-8:
+        return False
+    return ks.fit_scalar(moved, half, EXACT_RTOL) is not None
+
+
+@check(targets=current_parameters_targets, diagnose=_diagnose_stale, matrix_free=True)
 def current_parameters(ctx: CheckContext) -> Outcome:
     """After the parameters move, the candidate equals the reference at the new values.
 
@@ -215,12 +321,17 @@ def current_parameters(ctx: CheckContext) -> Outcome:
         if layer in ctx.ambiguous(flavour, "perturbed"):
             continue
         ref = ctx.reference(flavour, "perturbed")[layer]
-        ref = masked_reference(
-            ref, result.bias[layer], problem.model.get_submodule(layer)
-        )
-        if ref.shape != result.blocks[layer].shape:
-            continue
-        err = rel_error(result.blocks[layer], ref)
+        module = problem.model.get_submodule(layer)
+        block = result.blocks[layer]
+        if is_operator(ref) or is_operator(block):
+            if block_size_of(block) != block_size_of(ref):
+                continue
+            err = _block_error(block, ref, result.bias[layer], module)
+        else:
+            ref = masked_reference(ref, result.bias[layer], module)
+            if ref.shape != block.shape:
+                continue
+            err = rel_error(block, ref)
         if err > worst:
             worst, worst_layer = err, layer
     if worst_layer is None:
@@ -240,7 +351,11 @@ def bias_modes_targets(case: Case) -> Iterator[Target]:
     yield Target("bias_modes")
 
 
-@check(targets=bias_modes_targets, needs={"bias": {"joint", "separate"}})
+@check(
+    targets=bias_modes_targets,
+    needs={"bias": {"joint", "separate"}},
+    matrix_free=True,
+)
 def bias_modes(ctx: CheckContext) -> Outcome:
     """Joint and separate bias give the same weight-weight and bias-bias blocks."""
     ft, approx = ctx.first_supported(deterministic_fisher_types())
@@ -250,8 +365,13 @@ def bias_modes(ctx: CheckContext) -> Outcome:
     worst = 0.0
     for layer in ctx.case.layers:
         module = problem.model.get_submodule(layer)
-        masked = masked_reference(joint.blocks[layer], sep.bias[layer], module)
-        worst = max(worst, rel_error(sep.blocks[layer], masked))
+        s_block, j_block = sep.blocks[layer], joint.blocks[layer]
+        if is_operator(s_block) or is_operator(j_block):
+            err = _block_error(s_block, j_block, sep.bias[layer], module)
+        else:
+            masked = masked_reference(j_block, sep.bias[layer], module)
+            err = rel_error(s_block, masked)
+        worst = max(worst, err)
     return verdict(
         worst, EXACT_RTOL, f"joint vs separate bias: relative error {worst:.3e}"
     )
@@ -284,7 +404,7 @@ MC_REPRODUCIBLE_SAMPLES = (
 )
 
 
-@check(targets=mc_reproducible_targets, diagnose=_diagnose_seed)
+@check(targets=mc_reproducible_targets, diagnose=_diagnose_seed, matrix_free=True)
 def mc_reproducible(
     ctx: CheckContext, *, fisher_type: str, kfac_approx: str
 ) -> Outcome:
@@ -293,11 +413,15 @@ def mc_reproducible(
     layers = ctx.case.layers
     a = ctx.candidate(ctx.key(fisher_type, kfac_approx, M, 11))
     b = ctx.candidate(ctx.key(fisher_type, kfac_approx, M, 11, repeat=1))
-    same = max(rel_error(a.blocks[k], b.blocks[k]) for k in layers)
+
+    def error(x: CandidateResult, y: CandidateResult, k: str) -> float:
+        return _block_error(x.blocks[k], y.blocks[k], y.bias[k], ctx.module(k))
+
+    same = max(error(a, b, k) for k in layers)
     differ = 0.0
     for seed in (12, 13):
         c = ctx.candidate(ctx.key(fisher_type, kfac_approx, M, seed))
-        differ = max(differ, *(rel_error(a.blocks[k], c.blocks[k]) for k in layers))
+        differ = max(differ, *(error(a, c, k) for k in layers))
     if same > 0:
         return Outcome(
             "failed",
@@ -324,6 +448,7 @@ def mc_reproducible(
 @check(
     targets=_variant_targets("mean_vs_sum", "sum", "sum reduction × R"),
     diagnose=_diagnose_variant,
+    matrix_free=True,
 )
 def mean_vs_sum(ctx: CheckContext, *, variant: str, what: str) -> Outcome:
     """With ``reduction="sum"`` the blocks are the mean case's scaled by ``1/R``."""
@@ -333,6 +458,7 @@ def mean_vs_sum(ctx: CheckContext, *, variant: str, what: str) -> Outcome:
 @check(
     targets=_variant_targets("flattened_output", "flatten", "flattened output"),
     diagnose=_diagnose_variant,
+    matrix_free=True,
 )
 def flattened_output(ctx: CheckContext, *, variant: str, what: str) -> Outcome:
     """Flattening an MSE/BCE output ``(N, S, C)`` to ``(N, S·C)`` changes nothing."""

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kfac_oracle import kronecker_statistics
 from kfac_oracle.checks.outcome import Outcome
 from kfac_oracle.conventions import weight_shape_2d
 from kfac_oracle.flavours import BiasMode
@@ -230,6 +231,71 @@ def factor_localisation(c: KroneckerOperator, r: KroneckerOperator, rtol: float)
     return f"no named cause; both factors differ: {where}"
 
 
+def scaled_operator(block: Any, c: float) -> Any:
+    """``c · K`` of a candidate's block: tensor, Kronecker, dense or probed operator.
+
+    A Kronecker operator stays one (``c`` on ``G`` and on the bias block); a probed
+    operator keeps its probes (``c · K Z``).
+    """
+    if isinstance(block, Tensor):
+        return c * block
+    if isinstance(block, KroneckerOperator):
+        return kronecker_statistics.scaled(block, c)
+    if isinstance(block, ProbedOperator):
+        return ProbedOperator(block.probes, c * block.products)
+    if isinstance(block, DenseOperator):
+        return DenseOperator(c * block.matrix)
+    if isinstance(block, MaskedOperator):
+        return MaskedOperator(scaled_operator(block.operator, c), block.n_weight)
+    raise TypeError(f"cannot scale a {type(block).__name__}")
+
+
+def block_size_of(block: Any) -> int:
+    """``P`` of a block: a square tensor's rows or an operator's ``size``."""
+    return int(block.shape[0]) if isinstance(block, Tensor) else int(block.size)
+
+
+def frobenius_norm(block: Any) -> float:
+    """``‖K‖_F`` of a block: exact for tensors and Kronecker factors, else estimated.
+
+    A probed operator's ``√((1/k) Σ_j ‖K z_j‖²)`` (unbiased for ``‖K‖_F²``); other
+    operators the same with :data:`~kfac_oracle.operators.PROBES` seeded probes.
+    """
+    if isinstance(block, Tensor):
+        return float(block.norm())
+    if isinstance(block, KroneckerOperator):
+        return kronecker_statistics.norm(block)
+    if isinstance(block, DenseOperator):
+        return float(block.matrix.norm())
+    if isinstance(block, ProbedOperator):
+        k = block.products.shape[1]
+        return math.sqrt(float((block.products**2).sum()) / k)
+    # exact or masked operators: estimated with seeded Gaussian probes
+    Z = gaussian_probes(block.size, PROBES, *probe_format(block))
+    return math.sqrt(float((block.matmat(Z) ** 2).sum()) / Z.shape[1])
+
+
+def operator_error(
+    candidate: Any,
+    reference: Any,
+    bias_mode: str,
+    module: nn.Module,
+    rtol: float,
+    probes: int = PROBES,
+) -> float:
+    """``‖K_c − K_r‖_F / ‖K_r‖_F`` of two blocks, matrix-free.
+
+    :func:`compare_operators`'s error: exact from the factors where both are
+    Kronecker products (:func:`kronecker_distance`; identical factors give exactly
+    0), else estimated with ``probes`` Gaussian probes (identical products give
+    exactly 0). ``inf`` where the module has a bias and the result no bias block.
+    """
+    outcome = compare_operators(
+        candidate, reference, bias_mode, module, "matrix-free comparison", rtol, probes
+    )
+    return math.inf if outcome.error is None else outcome.error
+
+
 def _factor_scale(
     c: KroneckerOperator, r: KroneckerOperator, rtol: float
 ) -> float | None:
@@ -284,10 +350,14 @@ def probe_format(op: Any) -> tuple[torch.dtype, torch.device]:
 __all__ = [
     "MISS_FACTOR",
     "as_operator",
+    "block_size_of",
     "chernoff_chi2",
     "compare_operators",
+    "frobenius_norm",
     "kronecker_distance",
     "kronecker_norm_sq",
     "miss_probability",
     "probe_format",
+    "operator_error",
+    "scaled_operator",
 ]

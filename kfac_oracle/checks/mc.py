@@ -14,6 +14,14 @@ own spread, which a noisier or wrongly scaled candidate would widen.
   seed);
 - ``mc_exact``: where sampling has no variance, every MC result equals type-2 KFAC.
 
+Blocks too large to densify (:mod:`kfac_oracle.operators`) enter the same statistics
+through inner products of their Kronecker factors, ``⟨G₁ ⊗ A₁, G₂ ⊗ A₂⟩ =
+⟨G₁, G₂⟩⟨A₁, A₂⟩`` (:mod:`kfac_oracle.kronecker_statistics`), against null models
+from the reference's own draws, also kept as factors: the same verdicts, never a
+dense block. A candidate that gives such blocks only as products (``MatVecBlock``)
+or dense is not tested there: inner products between its blocks would need probe
+estimates, whose noise the calibration does not include.
+
 Each statistical check's probability of failing a correct implementation is at most
 1e-6 (derivation: :mod:`kfac_oracle.statistics`, docs/monte-carlo.md); for fixed seeds
 the verdict is deterministic.
@@ -23,9 +31,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 
+from kfac_oracle import kronecker_statistics as ks
 from kfac_oracle import statistics as st
 from kfac_oracle.catalogue import Case
 from kfac_oracle.checks.compare import compare_blocks
@@ -33,9 +44,11 @@ from kfac_oracle.checks.context import CheckContext
 from kfac_oracle.checks.diagnose import diagnose_layer
 from kfac_oracle.checks.outcome import Outcome
 from kfac_oracle.checks.registry import Target, check, family
+from kfac_oracle.conventions import weight_shape_2d
 from kfac_oracle.diagnosis import name_scalar, named_scales, shared_positions
 from kfac_oracle.errors import Unsupported
 from kfac_oracle.flavours import FisherType, Flavour
+from kfac_oracle.operators import KroneckerOperator, block_size, too_large
 
 family(rank=3)
 
@@ -70,28 +83,142 @@ def _require_convergence(ctx: CheckContext) -> None:
         )
 
 
-def _blocks(ctx: CheckContext, kfac_approx: str) -> tuple[dict[int, torch.Tensor], str]:
-    """The candidate's blocks of the layer, ``{M: (K, P, P)}``, and its bias mode."""
+#: Numbers of Kronecker factors held at once when the seeds of several large layers
+#: are swept together (each sweep calls the candidate ``Σ K`` = 64 times).
+SWEEP_NUMBERS = 2**26
+
+# Verdicts of large layers, per candidate caller: ``{(case, layer, approx): ...}``.
+_LARGE_VERDICTS: WeakKeyDictionary[object, dict[tuple[str, str, str], Any]] = (
+    WeakKeyDictionary()
+)
+
+
+def _blocks(
+    ctx: CheckContext, kfac_approx: str, layers: list[str] | None = None
+) -> tuple[dict[str, dict[int, Any]], dict[str, str]]:
+    """The candidate's blocks ``{layer: {M: (K, P, P)}}`` and bias modes.
+
+    ``layers`` defaults to the check's layer. Blocks too large to densify stay
+    Kronecker operators (``{M: [K operators]}``).
+    """
     assert ctx.layer is not None
-    out, bias = {}, None
+    layers = [ctx.layer] if layers is None else layers
+    out: dict[str, dict[int, Any]] = {layer: {} for layer in layers}
+    bias: dict[str, str] = {}
     for M, K in st.PLAN:
         results = [
             ctx.candidate(ctx.key(FisherType.MC, kfac_approx, M, seed))
             for seed in st.candidate_seeds(K)
         ]
-        bias = bias or results[0].bias[ctx.layer]
-        out[M] = torch.stack([r.blocks[ctx.layer] for r in results])
-    assert bias is not None
+        for layer in layers:
+            bias.setdefault(layer, results[0].bias[layer])
+            blocks = [r.blocks[layer] for r in results]
+            if too_large(block_size(ctx.module(layer))):
+                out[layer][M] = blocks
+            else:
+                out[layer][M] = torch.stack(blocks)
     return out, bias
 
 
-def _verdict(ctx: CheckContext, kfac_approx: str) -> tuple[st.Verdict, dict, dict]:
-    """The statistical verdict of the layer, with the blocks and null models."""
-    blocks, bias = _blocks(ctx, kfac_approx)
-    nulls = ctx.references.mc_nulls(ctx.case, kfac_approx, ctx.reference_bias(bias))
+def _unsupported_blocks(
+    ctx: CheckContext, layer: str, blocks: dict[int, Any]
+) -> Unsupported | None:
+    """Blocks too large to densify must be Kronecker factors for the statistics."""
+    kinds = {
+        type(b).__name__
+        for by_m in blocks.values()
+        for b in by_m
+        if not isinstance(b, KroneckerOperator)
+    }
+    if not kinds:
+        return None
+    return Unsupported(
+        f"layer {layer!r} is too large to densify ({block_size(ctx.module(layer))} "
+        f"parameters) and the candidate's MC blocks are not Kronecker factors "
+        f"({', '.join(sorted(kinds))}): the statistics need inner products between "
+        "blocks, exact from factors only (probe estimates would add noise the "
+        "calibration does not include)"
+    )
+
+
+def _sweep_group(ctx: CheckContext, kfac_approx: str) -> list[str]:
+    """The check's large layer and the next ones with an MC claim, within budget."""
     assert ctx.layer is not None
-    layer_nulls = nulls[ctx.layer]
-    return st.mc_verdict(blocks, layer_nulls), blocks, layer_nulls
+    claimed = [
+        t.layer
+        for t in convergence_claims(ctx.case, "")
+        if t.kfac_approx == kfac_approx
+        and t.layer is not None
+        and too_large(block_size(ctx.module(t.layer)))
+    ]
+    done = _LARGE_VERDICTS.get(ctx.caller, {})
+    start = claimed.index(ctx.layer) if ctx.layer in claimed else 0
+    group: list[str] = []
+    numbers = 0
+    calls = sum(K for _, K in st.PLAN)
+    for layer in [ctx.layer] + claimed[start + 1 :]:
+        if (ctx.case.id, layer, kfac_approx) in done:
+            continue
+        module = ctx.module(layer)
+        cost = calls * _factor_numbers(module)
+        if group and numbers + cost > SWEEP_NUMBERS:
+            break
+        group.append(layer)
+        numbers += cost
+    return group
+
+
+def _factor_numbers(module: Any) -> int:
+    """Entries of ``A`` (with a bias column), ``G`` and a separate bias block."""
+    d_out, d_in = weight_shape_2d(module)
+    return (d_in + 1) ** 2 + 2 * d_out**2
+
+
+def _verdict(
+    ctx: CheckContext, kfac_approx: str
+) -> tuple[st.Verdict, dict | None, dict]:
+    """The statistical verdict of the layer, with the blocks and null models.
+
+    For a layer too large to densify the candidate's seeds are swept once for it
+    and the next large layers with an MC claim (:data:`SWEEP_NUMBERS`), and the
+    verdicts are kept for the run (``mc_converges`` and ``mc_variance`` share one);
+    the blocks are then not returned (``None``).
+
+    Raises:
+        Unsupported: If a large layer's MC blocks are not Kronecker factors.
+    """
+    assert ctx.layer is not None
+    if not too_large(block_size(ctx.module())):
+        blocks, bias = _blocks(ctx, kfac_approx)
+        nulls = ctx.references.mc_nulls(
+            ctx.case, kfac_approx, ctx.reference_bias(bias[ctx.layer])
+        )
+        layer_nulls = nulls[ctx.layer]
+        mine = blocks[ctx.layer]
+        return st.mc_verdict(mine, layer_nulls), mine, layer_nulls
+    key = (ctx.case.id, ctx.layer, kfac_approx)
+    done = _LARGE_VERDICTS.setdefault(ctx.caller, {})
+    if key not in done:
+        group = _sweep_group(ctx, kfac_approx)
+        blocks, bias = _blocks(ctx, kfac_approx, group)
+        for layer in group:
+            problem = _unsupported_blocks(ctx, layer, blocks[layer])
+            if problem is not None:
+                done[(ctx.case.id, layer, kfac_approx)] = problem
+                continue
+            nulls = ctx.references.mc_nulls(
+                ctx.case, kfac_approx, ctx.reference_bias(bias[layer])
+            )
+            done[(ctx.case.id, layer, kfac_approx)] = (
+                st.mc_verdict(blocks[layer], nulls[layer]),
+                nulls[layer],
+            )
+        del blocks
+    found = done[key]
+    if isinstance(found, Unsupported):
+        raise found
+    verdict, layer_nulls = found
+    return verdict, None, layer_nulls
 
 
 def _outcome(verdict: st.Verdict, names: tuple[str, ...], what: str) -> Outcome:
@@ -123,13 +250,16 @@ def _diagnose_converges(
     Each hypothesis is tested with the verdict's own mean tests at the same levels.
     """
     verdict, blocks, nulls = _verdict(ctx, kfac_approx)
+    if blocks is None:  # a large layer: the blocks again, for this layer only
+        assert ctx.layer is not None
+        blocks = _blocks(ctx, kfac_approx)[0][ctx.layer]
     failed = {t.name for t in verdict.failures}
     if failed & {"finite", "shape"}:
         return "ill-formed MC results (shape or NaN/inf)"
     B = {M: nulls[M].mean for M in blocks}
     scales = {M: st.fit_scale(blocks[M], B[M]) for M in blocks}
     if all(math.isfinite(c) for c in scales.values()):
-        hypothesis = {M: scales[M] * B[M] for M in blocks}
+        hypothesis = {M: st.scaled(B[M], scales[M]) for M in blocks}
         if st.mean_consistent(blocks, hypothesis, nulls, scales).passed:
             return _name_scales(ctx, scales)
     assert ctx.layer is not None
@@ -137,7 +267,8 @@ def _diagnose_converges(
     flavour = Flavour("empirical", kfac_approx, ctx.reference_bias(bias))
     ef = ctx.references.kfac_blocks(ctx.case, flavour)[ctx.layer]
     c = {M: st.fit_scale(blocks[M], ef) for M in blocks}
-    if st.mean_consistent(blocks, {M: c[M] * ef for M in blocks}, nulls, c).passed:
+    alternative = {M: st.scaled(ef, c[M]) for M in blocks}
+    if st.mean_consistent(blocks, alternative, nulls, c).passed:
         why = "true labels used instead of sampled ones (empirical Fisher)"
         if all(abs(x - 1) < 1e-3 for x in c.values()):
             return why
@@ -175,6 +306,7 @@ def _name_scales(ctx: CheckContext, scales: dict[int, float]) -> str:
 @check(
     targets=lambda case: convergence_claims(case, "mc_converges"),
     diagnose=_diagnose_converges,
+    matrix_free=True,
 )
 def mc_converges(ctx: CheckContext, *, fisher_type: str, kfac_approx: str) -> Outcome:
     """The mean of MC-KFAC over seeds is type-2 KFAC, at every M (E6).
@@ -204,6 +336,7 @@ def _diagnose_variance(ctx: CheckContext, outcome: Outcome, **_: object) -> str:
 @check(
     targets=lambda case: convergence_claims(case, "mc_variance"),
     diagnose=_diagnose_variance,
+    matrix_free=True,
 )
 def mc_variance(ctx: CheckContext, *, fisher_type: str, kfac_approx: str) -> Outcome:
     """The spread of MC-KFAC over seeds is that of M independent samples per datum.
@@ -234,14 +367,15 @@ def zero_variance_claims(case: Case) -> Iterator[Target]:
 ZERO_VARIANCE_CALLS = ((1, 0), (2, 1), (7, 2))
 
 
-@check(targets=zero_variance_claims, diagnose=diagnose_layer)
+@check(targets=zero_variance_claims, diagnose=diagnose_layer, matrix_free=True)
 def mc_exact(ctx: CheckContext, *, fisher_type: str, kfac_approx: str) -> Outcome:
     """Where sampling has no variance, MC-KFAC equals type-2 KFAC for any M and seed.
 
     With two-class cross-entropy at equal logits (p = ½) or BCE at logit 0 (σ = ½)
     every sampled gradient outer product equals the loss Hessian, so each MC result
     must equal the type-2 block to a relative error of 1e-10 (docs/theory.md E6):
-    every error in the MC normalisation or sampling scale shows exactly.
+    every error in the MC normalisation or sampling scale shows exactly. Blocks too
+    large to densify are compared matrix-free (factor level or probes).
     """
     assert ctx.layer is not None
     worst: Outcome | None = None
@@ -276,8 +410,14 @@ def _zero_variance_diagnosis(
 ) -> str | None:
     """Name a constant factor between the MC and the type-2 block, if there is one."""
     from kfac_oracle.diagnosis import fit_scalar
+    from kfac_oracle.diagnosis.fit import FIT_RTOL
 
-    c = fit_scalar(C, B)
+    if isinstance(C, KroneckerOperator) and isinstance(B, KroneckerOperator):
+        c = ks.fit_scalar(C, B, FIT_RTOL)
+    elif isinstance(C, torch.Tensor) and isinstance(B, torch.Tensor):
+        c = fit_scalar(C, B)
+    else:
+        return None
     if c is None:
         return None
     problem = ctx.problem()

@@ -7,8 +7,8 @@ block is compared relative to the norm of the expand block of the same gradients
 
 from __future__ import annotations
 
-from kfac_oracle.checks.compare import block_norm
 from kfac_oracle.checks.context import CheckContext
+from kfac_oracle.checks.matrixfree import frobenius_norm
 from kfac_oracle.flavours import Flavour, KFACApprox
 
 #: A reduce block this much smaller than the expand block vanishes identically.
@@ -32,8 +32,8 @@ def vanishing_reduce_block(
     assert ctx.layer is not None
     expand = Flavour(flavour.fisher_type, KFACApprox.EXPAND, flavour.bias)
     blocks = ctx.approximation.blocks(ctx.problem(), expand, [ctx.layer])
-    expand_norm = block_norm(blocks[ctx.layer])
-    reduce_norm = block_norm(reference)
+    expand_norm = frobenius_norm(blocks[ctx.layer])
+    reduce_norm = frobenius_norm(reference)
     if expand_norm == 0 or reduce_norm > VANISHING_RATIO * expand_norm:
         return None
     note = (
@@ -46,8 +46,8 @@ def vanishing_reduce_block(
 
 def vanishes(reduce_block: object, expand_block: object) -> bool:
     """``‖K_reduce‖ ≤ VANISHING_RATIO · ‖K_expand‖`` (and ``K_expand ≠ 0``)."""
-    expand_norm = block_norm(expand_block)
-    return expand_norm > 0 and block_norm(reduce_block) <= VANISHING_RATIO * expand_norm
+    scale = frobenius_norm(expand_block)
+    return scale > 0 and frobenius_norm(reduce_block) <= VANISHING_RATIO * scale
 
 
 def vanishing_layers(ctx: CheckContext, flavour: Flavour) -> dict[str, float]:

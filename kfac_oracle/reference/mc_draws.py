@@ -12,11 +12,17 @@ The layer-output gradient of a sampled vector ``v`` is linear in ``v``:
 ``g(v) = Σ_k v_k g(e_k)``. So one backward pass of the output's basis vectors ``e_k``
 (as many as a datum has outputs) gives every sample's gradient by a contraction, instead
 of backpropagating all ``R·M`` samples.
+
+Blocks too large to densify (:mod:`kfac_oracle.operators`) are never formed:
+:func:`reference_draw_factors` gives, layer by layer, the shared ``A`` and the ``R``
+gradient factors ``G_r``, computed in groups of draws so that the sampled gradients
+of one group stay within :data:`DRAW_CHUNK_ENTRIES` numbers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -88,6 +94,95 @@ def reference_draws(
     return out
 
 
+#: Sampled gradients held at once by :func:`reference_draw_factors` (numbers).
+DRAW_CHUNK_ENTRIES = 2**24
+
+
+@dataclass(frozen=True)
+class DrawFactors:
+    """``R`` reference MC-KFAC draws of one layer, ``G_r ⊗ A`` (one ``A``).
+
+    Attributes:
+        layer: The module's name.
+        input_covariance: ``A`` (with the bias column for joint bias).
+        gradient_covariances: ``(R, d_out, d_out)``: ``G_r`` of every draw.
+        bias: The bias mode of the draws (``"none"`` for a module without bias).
+    """
+
+    layer: str
+    input_covariance: Tensor
+    gradient_covariances: Tensor
+    bias: str
+
+
+def reference_draw_factors(
+    problem: Problem,
+    flavour: Flavour,
+    num_draws: int,
+    layers: Sequence[str],
+) -> Iterator[DrawFactors]:
+    """The draws of :func:`reference_draws` as factors, one layer at a time.
+
+    The same labels (one stream of ``R·M`` per datum from ``flavour.seed``) and the
+    same ``G_r = (R_loss/M) Σ_n Σ_{m in group r} g gᵀ``; for reduce the basis gradients
+    are summed over positions before the contraction (both are linear). Only one
+    layer's ``(R, d_out, d_out)`` stack is held at a time.
+    """
+    if flavour.fisher_type is not FisherType.MC:
+        raise ValueError(f"reference draws are for fisher_type 'mc', not {flavour}")
+    steps = _BasisSteps()
+    M, R = flavour.mc_samples, num_draws
+    layers = list(layers)
+    modes, columns = {}, {}
+    for name in layers:
+        has_bias = getattr(problem.model.get_submodule(name), "bias", None) is not None
+        modes[name] = flavour.bias if has_bias else BiasMode.NONE
+        columns[name] = modes[name] == BiasMode.JOINT
+    A_sums: dict[str, Tensor] = {}
+    positions: dict[str, int] = {}
+    batches: list[tuple[Tensor, dict[str, Tensor]]] = []
+    for stats in steps.statistics(
+        problem, layers, FisherType.MC, columns, R * M, flavour.seed
+    ):
+        basis = {}
+        for name, st in stats.items():
+            positions[name] = st.inputs.shape[1]
+            x = steps.reduce_inputs(st.inputs, flavour.kfac_approx)
+            x = x.reshape(-1, x.shape[-1])
+            A_sums[name] = A_sums.get(name, 0) + gram(x)
+            assert st.gradients is not None
+            basis[name] = steps.reduce_gradients(st.gradients, flavour.kfac_approx)
+        batches.append((steps.sampled[-1], basis))
+    for name in layers:
+        A = A_sums[name] / steps.normalisation(
+            problem.num_data, positions[name], flavour.kfac_approx
+        )
+        yield DrawFactors(name, A, _draw_gradients(batches, name, R, M), modes[name])
+
+
+def _draw_gradients(
+    batches: list[tuple[Tensor, dict[str, Tensor]]], name: str, R: int, M: int
+) -> Tensor:
+    """``(R, d_out, d_out)``: the ``G_r`` of one layer, ``R·M`` samples per datum."""
+    G: Tensor | None = None
+    for v, bases in batches:
+        basis = bases[name]  # (K, B, S, D)
+        if G is None:
+            D = basis.shape[-1]
+            G = basis.new_zeros(R, D, D)
+        per_draw = M * basis[0].numel()
+        chunk = max(1, DRAW_CHUNK_ENTRIES // max(per_draw, 1))
+        for start in range(0, R, chunk):
+            stop = min(R, start + chunk)
+            vs = v[start * M : stop * M]  # (chunk·M, B, K)
+            # vectors carry √(R_loss/(R·M)); a draw of M samples needs √(R_loss/M)
+            g = torch.einsum("mnk,knsd->mnsd", vs, basis) * R**0.5
+            g = g.reshape(stop - start, -1, g.shape[-1])
+            G[start:stop] += torch.einsum("rki,rkj->rij", g, g)
+    assert G is not None
+    return G
+
+
 class _BasisSteps(KFACSteps):
     """Backpropagates the output's basis vectors; keeps the sampled MC vectors."""
 
@@ -113,4 +208,9 @@ class _BasisSteps(KFACSteps):
         return eye.reshape(K, 1, *output.shape[1:]).expand(K, *output.shape).clone()
 
 
-__all__ = ["reference_draws"]
+__all__ = [
+    "DRAW_CHUNK_ENTRIES",
+    "DrawFactors",
+    "reference_draw_factors",
+    "reference_draws",
+]

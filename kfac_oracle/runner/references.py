@@ -24,11 +24,16 @@ from kfac_oracle import rounding, statistics
 from kfac_oracle.catalogue import Case
 from kfac_oracle.contract import KroneckerFactors
 from kfac_oracle.flavours import Flavour
-from kfac_oracle.operators import exact_or_dense, keep_one_result
+from kfac_oracle.operators import (
+    exact_or_dense,
+    keep_one_result,
+    layer_sizes,
+    too_large,
+)
 from kfac_oracle.problem import Problem
 from kfac_oracle.reference.approximations import Approximation
 from kfac_oracle.reference.kfac import KFACSteps
-from kfac_oracle.reference.mc_draws import reference_draws
+from kfac_oracle.reference.mc_draws import reference_draw_factors, reference_draws
 from kfac_oracle.rounding import RoundingTolerance
 from kfac_oracle.runner import diskcache
 from kfac_oracle.runner.caller import build_problem
@@ -209,6 +214,10 @@ class ReferenceCache:
 
         kfac = approximation("kfac")
         key = (case.id, flavour, f"kfac:{variant}")
+        if key not in self._blocks and keep_one_result(case):  # operators: in memory
+            self._blocks[key] = kfac.blocks(
+                self.problem(case, variant), flavour, case.layers
+            )
         if key not in self._blocks:
             self._blocks[key] = self._cached(
                 "blocks",
@@ -226,9 +235,14 @@ class ReferenceCache:
 
         From :data:`~kfac_oracle.statistics.REFERENCE_DRAWS` draws of the reference
         MC-KFAC at every ``M`` of the plan (seeds disjoint from a candidate's), around
-        the reference type-2 KFAC block (:mod:`kfac_oracle.statistics`).
+        the reference type-2 KFAC block (:mod:`kfac_oracle.statistics`). Layers too
+        large to densify get their null models from the draws' Kronecker factors
+        (:func:`~kfac_oracle.statistics.kronecker_null_model`), only where a claim
+        asks for MC convergence, and are kept in memory only.
         """
         key = (case.id, str(kfac_approx), str(bias))
+        if key not in self._nulls and keep_one_result(case):
+            self._nulls[key] = self._compute_nulls(case, kfac_approx, bias)
         if key not in self._nulls:
             detail = {
                 "kfac_approx": str(kfac_approx),
@@ -255,16 +269,38 @@ class ReferenceCache:
         """The null models of :meth:`mc_nulls`, computed."""
         problem = self.problem(case)
         mean = self.kfac_blocks(case, Flavour("type-2", kfac_approx, bias))
-        nulls: dict[str, dict[int, NullModel]] = {layer: {} for layer in case.layers}
+        sizes = layer_sizes(case)
+        dense = [layer for layer in case.layers if not too_large(sizes[layer])]
+        large = [
+            layer
+            for layer in case.layers
+            if too_large(sizes[layer])
+            and any(c.statement == "mc_convergence" for c in case.claims_for(layer))
+        ]
+        nulls: dict[str, dict[int, NullModel]] = {
+            layer: {} for layer in case.layers if layer in dense or layer in large
+        }
         for M, _ in statistics.PLAN:
             flavour = Flavour(
                 "mc", kfac_approx, bias, M, statistics.REFERENCE_SEED_OFFSET
             )
-            draws = reference_draws(
-                problem, flavour, statistics.REFERENCE_DRAWS, case.layers
-            )
-            for layer in case.layers:
-                nulls[layer][M] = statistics.null_model(draws[layer], mean[layer], M)
+            if dense:
+                draws = reference_draws(
+                    problem, flavour, statistics.REFERENCE_DRAWS, dense
+                )
+                for layer in dense:
+                    nulls[layer][M] = statistics.null_model(
+                        draws[layer], mean[layer], M
+                    )
+            if large:
+                for d in reference_draw_factors(
+                    problem, flavour, statistics.REFERENCE_DRAWS, large
+                ):
+                    B: Any = mean[d.layer]
+                    nulls[d.layer][M] = statistics.kronecker_null_model(
+                        d.gradient_covariances, d.input_covariance, B, M
+                    )
+                    del d  # one layer's draws at a time
         return nulls
 
     def rounding(self, case: Case, flavour: Flavour) -> dict[str, RoundingTolerance]:
