@@ -25,7 +25,10 @@ verdicts"): the spread is 1e-7 … 1e-6, so tolerances are 1e-6 … 1e-5, while 
 pitfalls the checks exist for move a block by 1e-3 or much more (a factor ``1/N``, a
 missing bias term, expand for reduce). Exactness claims in float32 use the
 tolerance of the claimed flavour's KFAC (the claim makes KFAC and the exact block
-one matrix). Every record of a float32 run states its tolerance and what it rests on.
+one matrix); the invariances use each layer's tolerance, and the Monte-Carlo checks
+keep their statistics (rounding is far below sampling noise) with the zero-variance
+claim at the type-2 tolerance. Every record of a float32 run states its tolerance or
+is compared at it.
 """
 
 from __future__ import annotations

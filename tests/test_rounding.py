@@ -29,7 +29,7 @@ from kfac_oracle.rounding import (
 )
 from kfac_oracle.runner.caller import build_problem
 from kfac_oracle.runner.run import Session, run
-from tests.mutants import MSEHalf, ReductionIgnored
+from tests.mutants import MCNoOneOverM, MSEHalf, ReductionIgnored, StaleParameters
 
 CASES = ["mlp_tanh_cro_mean", "conv_pool_k3_pad1_mse_mean", "seq_ce_mean"]
 FLOAT32_FAMILIES = ["agreement", "exactness", "robustness"]
@@ -132,13 +132,38 @@ def test_bfloat16_arithmetic_is_not_float32():
 
 def test_checks_without_a_float32_verdict_are_unsupported_with_the_reason():
     records = run(
-        "reference-float32",
+        ReferenceKFAC(operations=True),
         cases=[get_case("mlp_tanh_mse_mean")],
-        families=["invariance", "mc"],
+        families=["operations"],
         isolation="none",
+        dtype="float32",
     )
     assert records and _statuses(records) == {"unsupported"}
     assert all("defined for float64 only" in r.message for r in records)
+
+
+MC_CASE = "mc_zero_variance_ce2_mean"
+
+
+def test_monte_carlo_and_invariances_have_float32_verdicts():
+    cases = ["mlp_tanh_cro_mean", MC_CASE, "seq_ce_mean"]
+    records = _run("reference-float32", cases=cases, families=["mc", "invariance"])
+    assert {r.family for r in records} == {"mc", "invariance"}
+    ran = [r for r in records if r.status != "unsupported"]
+    assert ran and all(r.status == "passed" for r in ran), [
+        (r.id, r.message) for r in ran if r.status != "passed"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mutant", "family"),
+    [(MCNoOneOverM, "mc"), (StaleParameters, "invariance")],
+    ids=["mc-no-one-over-M", "stale-parameters"],
+)
+def test_float32_monte_carlo_and_invariance_mutants_fail(mutant, family):
+    cases = ["mlp_tanh_cro_mean", MC_CASE]
+    records = _run(mutant(), cases=cases, families=[family])
+    assert any(r.status == "failed" for r in records)
 
 
 def test_reordering_changes_the_order_of_the_sums_only():

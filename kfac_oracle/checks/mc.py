@@ -307,6 +307,7 @@ def _name_scales(ctx: CheckContext, scales: dict[int, float]) -> str:
     targets=lambda case: convergence_claims(case, "mc_converges"),
     diagnose=_diagnose_converges,
     matrix_free=True,
+    float32=True,
 )
 def mc_converges(ctx: CheckContext, *, fisher_type: str, kfac_approx: str) -> Outcome:
     """The mean of MC-KFAC over seeds is type-2 KFAC, at every M (E6).
@@ -337,6 +338,7 @@ def _diagnose_variance(ctx: CheckContext, outcome: Outcome, **_: object) -> str:
     targets=lambda case: convergence_claims(case, "mc_variance"),
     diagnose=_diagnose_variance,
     matrix_free=True,
+    float32=True,
 )
 def mc_variance(ctx: CheckContext, *, fisher_type: str, kfac_approx: str) -> Outcome:
     """The spread of MC-KFAC over seeds is that of M independent samples per datum.
@@ -367,22 +369,30 @@ def zero_variance_claims(case: Case) -> Iterator[Target]:
 ZERO_VARIANCE_CALLS = ((1, 0), (2, 1), (7, 2))
 
 
-@check(targets=zero_variance_claims, diagnose=diagnose_layer, matrix_free=True)
+@check(
+    targets=zero_variance_claims,
+    diagnose=diagnose_layer,
+    matrix_free=True,
+    float32=True,
+)
 def mc_exact(ctx: CheckContext, *, fisher_type: str, kfac_approx: str) -> Outcome:
     """Where sampling has no variance, MC-KFAC equals type-2 KFAC for any M and seed.
 
     With two-class cross-entropy at equal logits (p = ½) or BCE at logit 0 (σ = ½)
     every sampled gradient outer product equals the loss Hessian, so each MC result
-    must equal the type-2 block to a relative error of 1e-10 (docs/theory.md E6):
-    every error in the MC normalisation or sampling scale shows exactly. Blocks too
-    large to densify are compared matrix-free (factor level or probes).
+    must equal the type-2 block to a relative error of 1e-10 (docs/theory.md E6;
+    float32: the measured rounding tolerance of the type-2 block): every error in
+    the MC normalisation or sampling scale shows exactly. Blocks too large to
+    densify are compared matrix-free (factor level or probes).
     """
     assert ctx.layer is not None
     worst: Outcome | None = None
     for M, seed in ZERO_VARIANCE_CALLS:
         result = ctx.candidate(ctx.key(fisher_type, kfac_approx, M, seed))
         bias = ctx.reference_bias(result.bias[ctx.layer])
-        reference = ctx.reference(Flavour(FisherType.TYPE2, kfac_approx, bias))
+        type2 = Flavour(FisherType.TYPE2, kfac_approx, bias)
+        reference = ctx.reference(type2)
+        rtol, basis = ctx.block_tolerance(type2)
         what = (
             f"layer {ctx.layer}, MC with M={M}, seed {seed} vs type-2 "
             f"{ctx.approximation.title.removeprefix('reference ')} (zero variance)"
@@ -393,6 +403,8 @@ def mc_exact(ctx: CheckContext, *, fisher_type: str, kfac_approx: str) -> Outcom
             result.bias[ctx.layer],
             ctx.module(),
             what,
+            rtol,
+            basis,
         )
         if worst is None or (outcome.error or 0.0) > (worst.error or 0.0):
             worst = outcome

@@ -67,8 +67,10 @@ def make_variant(problem: Problem, variant: str) -> Problem:
         generator = torch.Generator().manual_seed(321)
         with torch.no_grad():
             for p in model.parameters():
-                noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
-                p.add_(0.5 * noise.to(p.device))
+                # drawn in float32, as the catalogue's parameters: the same move
+                # in every precision a candidate is run in
+                noise = torch.randn(p.shape, generator=generator, dtype=torch.float32)
+                p.add_(0.5 * noise.to(dtype=p.dtype, device=p.device))
         return Problem(model, problem.loss_func, problem.data)
     if variant == "flatten":
         if isinstance(problem.model, torch.nn.Sequential):

@@ -28,7 +28,12 @@ from kfac_oracle.problem import Problem
 from kfac_oracle.runner import isolation
 from kfac_oracle.runner.call import CallReport, guarded_call
 from kfac_oracle.runner.limits import can_arm, check_time_limit
-from kfac_oracle.runner.validate import CandidateResult, layer_shapes, validate
+from kfac_oracle.runner.validate import (
+    CandidateResult,
+    layer_shapes,
+    validate,
+    widened,
+)
 
 ISOLATION_MODES = ("auto", "process", "none")
 #: Problems kept for reuse by an isolated caller (the most recent ones).
@@ -238,9 +243,10 @@ class CandidateCaller:
         if report.error is not None or report.plain is None:
             return CandidateError(report.error or "no result")
         try:
-            return validate(report.plain, shapes, problem.dtype, problem.device)
+            result = validate(report.plain, shapes, problem.dtype, problem.device)
         except CandidateError as error:
             return error
+        return result if problem.dtype == torch.float64 else widened(result)
 
     def _invoke(
         self, request: KFACRequest, shapes: Any, dtype: Any, device: Any

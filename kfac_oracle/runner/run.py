@@ -157,7 +157,7 @@ def unsupported_reason(item: CheckItem, ctx: CheckContext) -> str | None:
         return (
             f"the candidate computes in {str(ctx.caller.dtype).removeprefix('torch.')}"
             "; this check's verdict is defined for float64 only (float32 verdicts: "
-            "agreement, exactness, wellformed, side_effects)"
+            "agreement, exactness, mc, invariance, robustness)"
         )
     if not item.spec.matrix_free:
         reason = dense_only_reason(item.case, item.layer)

@@ -25,6 +25,7 @@ and what is wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from kfac_oracle.conventions import (
 from kfac_oracle.errors import CandidateError
 from kfac_oracle.flavours import BiasMode
 from kfac_oracle.operators import (
+    DenseOperator,
     KroneckerOperator,
     ProbedOperator,
     gaussian_probes,
@@ -127,6 +129,42 @@ class CandidateResult:
     blocks: dict[str, Any]
     bias: dict[str, str]
     operations: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+
+def widened(result: CandidateResult) -> CandidateResult:
+    """The result in float64, exactly (a float32 candidate's values, validated).
+
+    Checks then compare float64 numbers only; the precision a candidate computed in
+    is judged by its tolerances (:mod:`kfac_oracle.rounding`), not by its dtype.
+    """
+
+    def wide(block: Any) -> Any:
+        if isinstance(block, Tensor):
+            return block.to(torch.float64)
+        if isinstance(block, KroneckerOperator):
+            f = block.factors
+            bias_cov = f.bias_covariance
+            factors = dataclasses.replace(
+                f,
+                input_covariance=f.input_covariance.to(torch.float64),
+                gradient_covariance=f.gradient_covariance.to(torch.float64),
+                bias_covariance=None if bias_cov is None else bias_cov.double(),
+            )
+            return KroneckerOperator(factors, block.d_out, block.d_in)
+        if isinstance(block, ProbedOperator):
+            return ProbedOperator(block.probes.double(), block.products.double())
+        if isinstance(block, DenseOperator):
+            return DenseOperator(block.matrix.double())
+        return block
+
+    return CandidateResult(
+        {layer: wide(b) for layer, b in result.blocks.items()},
+        dict(result.bias),
+        {
+            layer: {name: v.to(torch.float64) for name, v in values.items()}
+            for layer, values in result.operations.items()
+        },
+    )
 
 
 def _copy(what: str, value: Any) -> Tensor:
