@@ -44,6 +44,7 @@ the model's dtype (``FactorArguments`` defaults are float32).
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import math
 import tempfile
@@ -312,7 +313,15 @@ class _KronfluenceScores(_KronfluenceBase):
             return super().compute(request)
         modules = request.modules()
         self._check(request, modules)
-        _, scores = self._analyze(request, modules)
+        # kronfluence calls gc.collect() several times per score computation
+        # (utils/state.py, release_memory); with the harness's heap frozen out of
+        # the collector's generations each pass is cheap (same results).
+        LIBRARY.load("analyzer", "arguments", "task")
+        gc.freeze()
+        try:
+            _, scores = self._analyze(request, modules)
+        finally:
+            gc.unfreeze()
         return {
             name: LayerOperations(data_scores=_lookup(name, table))
             for name, table in scores.items()
@@ -353,7 +362,7 @@ class _KronfluenceScores(_KronfluenceBase):
 
     @staticmethod
     def _library_damping(damping: float, scale: float) -> float:
-        """kronfluence's ``damping_factor`` for the contract's ``λ``: ``λ / (R·N)``."""
+        """The library's ``damping_factor`` for the contract's ``λ``: ``λ / (R·N)``."""
         return damping / scale
 
     @staticmethod

@@ -131,7 +131,7 @@ class Setup:
 
     @cached_property
     def gradients(self) -> Tensor:
-        """``Gᵀ``, ``(P, N)``: the per-datum gradients ``g_n`` of the layer (columns)."""
+        """``Gᵀ``, ``(P, N)``: the layer's per-datum gradients ``g_n`` as columns."""
         return per_datum_gradients(self.ctx.problem(), self.layer).T.contiguous()
 
     def probes(self, operation: str) -> Tensor:
