@@ -280,6 +280,38 @@ class _WrongShape(ReferenceKFAC):
         }
 
 
+class _DataScoresOfOneBatch(ReferenceKFAC):
+    """``data_scores`` of the first batch only: ``(B, B)`` instead of ``(N, N)``."""
+
+    name = "data-scores-one-batch"
+
+    def __init__(self):
+        super().__init__(operations=True)
+
+    def compute(self, request):
+        out = super().compute(request)
+        if request.operations is None:
+            return out
+        B = len(request.data[0][0])
+        return {
+            n: dataclasses.replace(
+                o, data_scores=lambda lam, f=o.data_scores: f(lam)[:B, :B]
+            )
+            for n, o in out.items()
+        }
+
+
+def test_data_scores_of_the_wrong_size_are_errors():
+    case = "mlp_tanh_cro_mean"  # batches of unequal sizes
+    assert len(set(BY_ID[case].batch_sizes)) > 1
+    records = _records(_DataScoresOfOneBatch(), [case], checks="op_data_scores")
+    assert records and all(r.status == "error" for r in records)
+    assert "data_scores has shape" in records[0].message
+    assert f"expected ({BY_ID[case].num_data}, {BY_ID[case].num_data})" in (
+        records[0].message
+    )
+
+
 def test_malformed_operations_are_errors_naming_the_problem():
     records = _records(_MissingLogdet(), [NONSINGULAR], checks="op_inverse")
     assert records[0].status == "error"
