@@ -172,8 +172,14 @@ def test_operation_mutant_is_caught_with_its_diagnosis(mutant):
     records = _records(mutant(), [NONSINGULAR])
     failed = [r for r in records if r.status == "failed"]
     assert failed, [(r.id, r.status, r.message) for r in records]
-    damped = [r for r in failed if r.check in ("op_inverse", "op_logdet", "op_scores")]
+    damped = [
+        r
+        for r in failed
+        if r.check in ("op_inverse", "op_logdet", "op_scores", "op_data_scores")
+    ]
     assert damped, [r.id for r in failed]
+    # the data scores go through the same damped inverse
+    assert any(r.check == "op_data_scores" for r in damped), [r.id for r in failed]
     for r in damped:
         assert mutant.expected_diagnosis in (r.diagnosis or ""), (r.id, r.diagnosis)
 
