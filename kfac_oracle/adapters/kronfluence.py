@@ -1,4 +1,4 @@
-"""Adapter for kronfluence (PyPI ``kronfluence``): its KFAC and EKFAC factors.
+"""Adapter for kronfluence (PyPI ``kronfluence``): KFAC and EKFAC factors and scores.
 
 kronfluence fits influence-function factors with ``Analyzer.fit_all_factors`` for a
 user-written ``kronfluence.task.Task`` and writes them to disk (safetensors under
@@ -39,6 +39,10 @@ to ``eval()`` and wraps modules, so it works on a deep copy; factors are written
 a ``tempfile.TemporaryDirectory`` removed afterwards; the global RNG (used for
 sampling) is forked and seeded with ``request.seed``. All factor dtypes are set to
 the model's dtype (``FactorArguments`` defaults are float32).
+
+``kronfluence-scores`` and ``kronfluence-ekfac-scores`` offer the ``data_scores``
+operation: ``Analyzer.compute_pairwise_scores`` with per-module scores, translated to
+the contract's ``K`` by the same ``R · N`` (:class:`_KronfluenceScores`).
 """
 
 from __future__ import annotations
