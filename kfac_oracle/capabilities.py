@@ -14,7 +14,7 @@ means
 ``output_ndim``    integers >= 2: the model output's number of dimensions
 ``approximation``  one of the registered approximations (``kfac``, ``ekfac``)
 ``operations``     ``inverse``, ``logdet``, ``trace``, ``scores``, ``diagonal``,
-                   ``eigenvalues``
+                   ``eigenvalues``, ``data_scores``
 ``damping``        ``product``, ``per_factor``, ``pi``, ``mean_eigenvalue``
 ``distributed``    ``data-parallel``: ``compute`` works under ``torch.distributed``
                    (``kfac-oracle check --world-size W``)
@@ -30,7 +30,8 @@ model (:mod:`kfac_oracle.rounding`).
 ``operations`` and ``damping`` are the exception to "missing means no restriction": a
 candidate offers operations (:class:`~kfac_oracle.contract.LayerOperations`) only if it
 declares them, and the damping conventions it honours with them
-(:mod:`kfac_oracle.damping`); ``inverse``, ``logdet`` and ``scores`` need ``damping``.
+(:mod:`kfac_oracle.damping`); ``inverse``, ``logdet``, ``scores`` and ``data_scores``
+need ``damping``.
 
 An unknown key (``"fisher_types"``), an unknown value (``"type2"``), a plain string
 where a set is expected (``"MSELoss"``), or an empty set is a
@@ -56,10 +57,18 @@ from kfac_oracle.flavours import BiasMode, FisherType, KFACApprox
 LOSSES = ("MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss")
 LAYERS = ("Linear", "Conv2d")
 REDUCTIONS = ("mean", "sum")
-OPERATIONS = ("inverse", "logdet", "trace", "scores", "diagonal", "eigenvalues")
+OPERATIONS = (
+    "inverse",
+    "logdet",
+    "trace",
+    "scores",
+    "diagonal",
+    "eigenvalues",
+    "data_scores",
+)
 DAMPING = DampingConvention.values()
 # Operations that invert the damped block, so need a damping convention.
-DAMPED_OPERATIONS = ("inverse", "logdet", "scores")
+DAMPED_OPERATIONS = ("inverse", "logdet", "scores", "data_scores")
 DISTRIBUTED = ("data-parallel",)
 DTYPES = ("float64", "float32")
 

@@ -15,8 +15,9 @@ three forms:
 When the request asks for operations (``request.operations`` is an
 :class:`OperationsRequest`), the result per layer is instead a
 :class:`LayerOperations`: what users of the library consume (damped inverse-vector
-products, log-determinants, the trace, pairwise scores) under the requested damping
-convention (:mod:`kfac_oracle.damping`, docs/theory.md §10).
+products, log-determinants, the trace, pairwise scores of probe vectors and of the
+data's own gradients) under the requested damping convention
+(:mod:`kfac_oracle.damping`, docs/theory.md §10).
 
 Conventions (docs/theory.md §3):
 
@@ -90,7 +91,7 @@ class OperationsRequest:
         vectors: ``{layer: V}``, ``V`` of shape ``(P, k)``: the probe vectors
             (columns) for inverse-vector products and scores.
         operations: Which of the operations (``inverse``, ``logdet``, ``scores``,
-            ``trace``, ``diagonal``, ``eigenvalues``) are read.
+            ``trace``, ``diagonal``, ``eigenvalues``, ``data_scores``) are read.
         bias: ``"joint"`` or ``"separate"``: the block the operations act on.
     """
 
@@ -261,6 +262,14 @@ class LayerOperations:
             layout, or the tensor itself.
         eigenvalues: ``() -> the P eigenvalues of K`` (undamped, any order), or the
             tensor itself.
+        data_scores: ``λ -> S``, shape ``(N, N)``: the pairwise influence scores of
+            the request's data, ``S_ij = g_iᵀ K_λ⁻¹ g_j``, where ``g_n`` is the
+            gradient of datum ``n``'s loss term ``ℓ_n`` with respect to the layer's
+            parameters, in the canonical layout ``[rvec(W), b]``. ``ℓ_n`` is the term
+            of ``L = R Σ_n ℓ_n`` *without* the reduction factor ``R`` (summed over
+            positions for sequence outputs; docs/theory.md §1), with the true labels
+            ``y``. Data points ``n`` are numbered as in ``request.data``, batches
+            concatenated in order. No sign: ``S`` is symmetric positive semi-definite.
     """
 
     inverse_product: Callable[[Tensor, float], Any] | None = None
@@ -269,6 +278,7 @@ class LayerOperations:
     scores: Callable[[Tensor, Tensor, float], Any] | None = None
     diagonal: Callable[[], Any] | Tensor | None = None
     eigenvalues: Callable[[], Any] | Tensor | None = None
+    data_scores: Callable[[float], Any] | None = None
 
 
 Result = KroneckerFactors | DenseBlock | MatVecBlock | LayerOperations

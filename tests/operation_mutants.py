@@ -28,7 +28,12 @@ from kfac_oracle.reference.ekfac import (
     ekfac_block,
     kronecker_eigenbasis,
 )
-from kfac_oracle.reference.operations import EigenbasisOperations, KroneckerOperations
+from kfac_oracle.reference.exact import per_datum_gradients
+from kfac_oracle.reference.operations import (
+    EigenbasisOperations,
+    KroneckerOperations,
+    with_data_scores,
+)
 
 
 def _caps(*conventions: str) -> dict:
@@ -130,6 +135,10 @@ class ReferenceEKFAC(ReferenceKFAC):
                 request.operations.convention,
             )
             out[name] = ops.layer_operations()
+            if "data_scores" in request.operations.operations:
+                out[name] = with_data_scores(
+                    out[name], per_datum_gradients(problem, name)
+                )
         return out
 
 
@@ -206,3 +215,48 @@ OPERATION_MUTANTS = [
         _PiAsPerFactor, "pi-without-pi", ("pi",), "the per_factor convention"
     ),
 ]
+
+
+class _DataScoresMutant(ReferenceKFAC):
+    """The reference whose ``data_scores`` are post-processed by :meth:`wrong`."""
+
+    capabilities = _caps("product", "per_factor")
+
+    def compute(self, request: KFACRequest):
+        out = super().compute(request)
+        if request.operations is None:
+            return out
+        return {
+            name: dataclasses.replace(
+                ops,
+                data_scores=lambda lam, f=ops.data_scores: self.wrong(f(lam), request),
+            )
+            for name, ops in out.items()
+        }
+
+    def wrong(self, S, request):
+        raise NotImplementedError
+
+
+class GradientsOfReducedLoss(_DataScoresMutant):
+    """Gradients of ``R·ℓ_n`` (the reduced loss per datum): scores times ``R²``."""
+
+    name = "data-scores-of-reduced-loss"
+    expected_diagnosis = "= R² (gradients of R·ℓ_n"
+
+    def wrong(self, S, request):
+        return request.reduction_factor**2 * S
+
+
+class DataReversed(_DataScoresMutant):
+    """Data points numbered from the last to the first."""
+
+    name = "data-scores-reversed"
+    expected_diagnosis = "data points in another order"
+
+    def wrong(self, S, request):
+        return S.flip(0).flip(1)
+
+
+#: Mistakes in the data scores (``op_data_scores`` fails, the rest passes).
+DATA_SCORES_MUTANTS = [GradientsOfReducedLoss, DataReversed]

@@ -17,6 +17,7 @@ from kfac_oracle.errors import CapabilityError
 from kfac_oracle.reference.candidate import ReferenceKFAC
 from kfac_oracle.runner.run import Session, run
 from tests.operation_mutants import (
+    DATA_SCORES_MUTANTS,
     OPERATION_MUTANTS,
     SPECTRAL_MUTANTS,
     ReferenceEKFAC,
@@ -127,7 +128,14 @@ def test_without_operations_the_checks_are_unsupported():
 def test_reference_passes_every_operation_check():
     records = _records(ReferenceKFAC(operations=True), FAST)
     checks = {r.check for r in records}
-    assert {"op_inverse", "op_logdet", "op_scores", "op_trace", "op_spd"} <= checks
+    assert {
+        "op_inverse",
+        "op_logdet",
+        "op_scores",
+        "op_data_scores",
+        "op_trace",
+        "op_spd",
+    } <= checks
     assert any(c.startswith("op_exact_") for c in checks)
     bad = [(r.id, r.status, r.message) for r in records if r.status != "passed"]
     assert not bad, bad
@@ -164,8 +172,14 @@ def test_operation_mutant_is_caught_with_its_diagnosis(mutant):
     records = _records(mutant(), [NONSINGULAR])
     failed = [r for r in records if r.status == "failed"]
     assert failed, [(r.id, r.status, r.message) for r in records]
-    damped = [r for r in failed if r.check in ("op_inverse", "op_logdet", "op_scores")]
+    damped = [
+        r
+        for r in failed
+        if r.check in ("op_inverse", "op_logdet", "op_scores", "op_data_scores")
+    ]
     assert damped, [r.id for r in failed]
+    # the data scores go through the same damped inverse
+    assert any(r.check == "op_data_scores" for r in damped), [r.id for r in failed]
     for r in damped:
         assert mutant.expected_diagnosis in (r.diagnosis or ""), (r.id, r.diagnosis)
 
@@ -183,6 +197,53 @@ def test_spectral_mutant_is_caught(mutant, check_name):
     assert all(r.status == "passed" for r in others)
     for r in mine:
         assert mutant.expected_diagnosis in (r.diagnosis or "")
+
+
+@pytest.mark.parametrize("mutant", DATA_SCORES_MUTANTS, ids=lambda m: m.name)
+def test_data_scores_mutant_is_caught_with_its_diagnosis(mutant):
+    records = _records(mutant(), [NONSINGULAR])
+    mine = [r for r in records if r.check == "op_data_scores"]
+    assert mine and all(r.status == "failed" for r in mine), [
+        (r.id, r.status, r.message) for r in mine
+    ]
+    for r in mine:
+        assert mutant.expected_diagnosis in (r.diagnosis or ""), (r.id, r.diagnosis)
+    others = [r for r in records if r.check != "op_data_scores"]
+    assert others and all(r.status == "passed" for r in others), [
+        (r.id, r.status) for r in others if r.status != "passed"
+    ]
+
+
+def test_data_scores_are_the_scores_of_the_per_datum_gradients():
+    """``data_scores`` equal ``scores`` of the per-datum gradients, N × N."""
+    from kfac_oracle.contract import KFACRequest, OperationsRequest
+    from kfac_oracle.reference.exact import per_datum_gradients
+    from kfac_oracle.runner.caller import build_problem
+
+    problem = build_problem(BY_ID["mlp_tanh_cro_mean"])
+    layer = BY_ID["mlp_tanh_cro_mean"].layers[0]
+    request = KFACRequest(
+        problem.model,
+        problem.loss_func,
+        list(problem.data),
+        fisher_type="empirical",
+        layers=(layer,),
+        operations=OperationsRequest("product", {layer: (0.1,)}, {}),
+    )
+    ops = ReferenceKFAC(operations=True).compute(request)[layer]
+    S = ops.data_scores(0.1)
+    G = per_datum_gradients(problem, layer)
+    assert S.shape == (request.num_data, request.num_data)
+    assert torch.allclose(S, ops.scores(G.T, G.T, 0.1))
+    # g_n is the gradient of ℓ_n without R: one datum's cross-entropy term
+    X, y = problem.data[0]
+    model = problem.model
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(X[:1]), y[:1], reduction="sum").backward()
+    module = model.get_submodule(layer)
+    g0 = torch.cat([module.weight.grad.reshape(-1), module.bias.grad])
+    assert torch.allclose(G[0], g0)
+    model.zero_grad()
 
 
 # -- the contract ----------------------------------------------------------------
@@ -223,6 +284,38 @@ class _WrongShape(ReferenceKFAC):
             )
             for n, o in out.items()
         }
+
+
+class _DataScoresOfOneBatch(ReferenceKFAC):
+    """``data_scores`` of the first batch only: ``(B, B)`` instead of ``(N, N)``."""
+
+    name = "data-scores-one-batch"
+
+    def __init__(self):
+        super().__init__(operations=True)
+
+    def compute(self, request):
+        out = super().compute(request)
+        if request.operations is None:
+            return out
+        B = len(request.data[0][0])
+        return {
+            n: dataclasses.replace(
+                o, data_scores=lambda lam, f=o.data_scores: f(lam)[:B, :B]
+            )
+            for n, o in out.items()
+        }
+
+
+def test_data_scores_of_the_wrong_size_are_errors():
+    case = "mlp_tanh_cro_mean"  # batches of unequal sizes
+    assert len(set(BY_ID[case].batch_sizes)) > 1
+    records = _records(_DataScoresOfOneBatch(), [case], checks="op_data_scores")
+    assert records and all(r.status == "error" for r in records)
+    assert "data_scores has shape" in records[0].message
+    assert f"expected ({BY_ID[case].num_data}, {BY_ID[case].num_data})" in (
+        records[0].message
+    )
 
 
 def test_malformed_operations_are_errors_naming_the_problem():
@@ -282,6 +375,7 @@ class _PlainNumbers(ReferenceKFAC):
                 scores=o.scores,
                 diagonal=o.diagonal().numpy(),
                 eigenvalues=lambda o=o: o.eigenvalues().numpy(),
+                data_scores=lambda lam, o=o: o.data_scores(lam).numpy(),
             )
             for n, o in out.items()
         }
@@ -291,7 +385,7 @@ def test_numbers_and_numpy_arrays_are_accepted_and_tolerances_are_stated():
     records = _records(_PlainNumbers(), [NONSINGULAR])
     assert {r.status for r in records} == {"passed"}, [r.message for r in records]
     for r in records:
-        if r.check in ("op_inverse", "op_logdet", "op_scores"):
+        if r.check in ("op_inverse", "op_logdet", "op_scores", "op_data_scores"):
             assert "10·P·κ·eps" in r.message and "κ = " in r.message
             assert r.tolerance is not None and r.error <= r.tolerance
 

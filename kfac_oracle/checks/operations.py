@@ -9,6 +9,10 @@ with ``κ`` the condition number of the damped matrix. Where the catalogue claim
 is exact, the operations also equal those of the damped exact block. The undamped
 trace, diagonal and eigenvalues equal the reference block's (``10 · P · eps``;
 eigenvalues ``10 · P^{3/2} · eps``, Weyl's inequality).
+
+``data_scores`` are the pairwise scores ``S = G K_λ⁻¹ Gᵀ`` of the case's own data
+(rows of ``G``: the per-datum gradients ``g_n = ∇ ℓ_n`` of the layer, exactly by
+``torch.func``), compared like the scores of the probe vectors.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -40,6 +45,7 @@ from kfac_oracle.damping import (
 )
 from kfac_oracle.errors import CandidateError, Unsupported
 from kfac_oracle.flavours import BiasMode, Flavour, deterministic_fisher_types
+from kfac_oracle.reference.exact import per_datum_gradients
 from kfac_oracle.reference.operations import DenseOperations, probe_vectors
 from kfac_oracle.runner.caller import OperationsKey
 from kfac_oracle.runner.validate import layer_shapes
@@ -122,6 +128,15 @@ class Setup:
         problem = self.ctx.problem()
         shapes = layer_shapes(problem.model, self.ctx.case.layers)
         return probe_vectors(shapes, problem.dtype, problem.device)[self.layer]
+
+    @cached_property
+    def gradients(self) -> Tensor:
+        """``Gᵀ``, ``(P, N)``: the layer's per-datum gradients ``g_n`` as columns."""
+        return per_datum_gradients(self.ctx.problem(), self.layer).T.contiguous()
+
+    def probes(self, operation: str) -> Tensor:
+        """The vectors an operation acts on: the data's gradients or the probes."""
+        return self.gradients if operation == "data_scores" else self.vectors
 
     def dampings(self, convention: DampingConvention, layer: str) -> tuple[float, ...]:
         """The absolute dampings of one layer (relative ones for mean_eigenvalue)."""
@@ -259,7 +274,7 @@ def expected(operation: str, dense: DenseOperations, V: Tensor) -> Tensor:
         return dense.inverse_product(V)
     if operation == "logdet":
         return torch.tensor(dense.logdet(), dtype=torch.float64)
-    if operation == "scores":
+    if operation in ("scores", "data_scores"):
         return dense.scores(V, V)
     raise ValueError(f"{operation!r} is not a damped operation")
 
@@ -335,7 +350,7 @@ def _error_name(operation: str) -> str:
 
 def compare_operation(setup: Setup, operation: str) -> Outcome:
     """One damped operation, every declared convention, over the sweep."""
-    V = setup.vectors
+    V = setup.probes(operation)
     overall = Worst()
     convention_of = {}
     for convention in setup.conventions:
@@ -468,7 +483,7 @@ def diagnose_damping(
     """The wrong damped matrix whose exact values the candidate's match, if any."""
     values = setup.values(declared)[operation]
     dampings = setup.dampings(declared, setup.layer)
-    V = setup.vectors
+    V = setup.probes(operation)
     for description, matrix in hypotheses(setup, declared):
         worst = sweep(operation, values, dampings, matrix, V)
         if worst is not None and explains(worst):
@@ -476,6 +491,56 @@ def diagnose_damping(
                 f"{operation} matches {description} at every λ of the sweep "
                 f"({_error_name(operation)} {worst.error:.1e})"
             )
+    if operation == "data_scores":
+        return diagnose_data_scores(setup, declared)
+    return None
+
+
+def diagnose_data_scores(setup: Setup, declared: DampingConvention) -> str | None:
+    """Data scores right but for a constant factor, or for the order of the data.
+
+    A factor ``R²`` is the scores of the gradients of ``R·ℓ_n`` (the reduced loss)
+    instead of ``ℓ_n``. The order: the permutation that matches the diagonals
+    ``S_nn`` (self-influences) sorted, confirmed on the whole matrices.
+    """
+    values = setup.values(declared)["data_scores"].to(torch.float64)
+    dampings = setup.dampings(declared, setup.layer)
+    V = setup.gradients
+    exact, tols = [], []
+    for lam in dampings:
+        dense = DenseOperations(setup.damped(declared, lam))
+        exact.append(dense.scores(V, V))
+        tols.append(tolerance(dense.condition, dense.matrix.shape[0]))
+    if max(tols) > DIAGNOSIS_MAX_TOL:
+        return None
+    S = torch.stack(exact)
+    c = float((values * S).sum() / (S * S).sum())
+    if c and all(
+        rel_error(v, c * e) <= t for v, e, t in zip(values, S, tols, strict=True)
+    ):
+        R = setup.ctx.problem().reduction_factor
+        what = f"a constant factor {c:.6g}"
+        if math.isclose(c, R * R, rel_tol=1e-6):
+            what += " = R² (gradients of R·ℓ_n, the reduced loss, instead of ℓ_n)"
+        elif math.isclose(c, 1 / (R * R), rel_tol=1e-6):
+            what += " = 1/R²"
+        return f"data_scores are the exact scores times {what}"
+    order = torch.argsort(S[0].diagonal())[
+        torch.argsort(torch.argsort(values[0].diagonal()))
+    ]
+    if torch.equal(order, torch.arange(len(order))):
+        return None
+    if all(
+        rel_error(v, e[order][:, order]) <= t
+        for v, e, t in zip(values, S, tols, strict=True)
+    ):
+        moved = (order != torch.arange(len(order))).nonzero().reshape(-1).tolist()
+        return (
+            "data_scores of the data points in another order (the candidate's "
+            f"point n is datum order[n], {len(moved)} of {len(order)} moved, e.g. "
+            f"{moved[0]} → {int(order[moved[0]])}); data points are numbered as in "
+            "request.data, batches concatenated"
+        )
     return None
 
 
@@ -506,6 +571,18 @@ def op_logdet(ctx: CheckContext) -> Outcome:
 def op_scores(ctx: CheckContext) -> Outcome:
     """Pairwise scores ``Vᵀ K_λ⁻¹ V`` (influences ``uᵀ K_λ⁻¹ v``) are exact."""
     return compare_operation(setup(ctx), "scores")
+
+
+@check(targets=_per_layer("op_data_scores"), needs={"operations": {"data_scores"}})
+def op_data_scores(ctx: CheckContext) -> Outcome:
+    """The data's pairwise influence scores ``S_ij = g_iᵀ K_λ⁻¹ g_j`` are exact.
+
+    ``g_n = ∇ ℓ_n``: the gradient of datum ``n``'s loss term (without ``R``, true
+    labels) over the layer's ``[rvec(W), b]``, data in request order; against
+    ``Gᵀ K_λ⁻¹ G`` of the damped reference block, tolerance ``10 · P · κ · eps``
+    on the relative Frobenius error, for every ``λ`` of the sweep.
+    """
+    return compare_operation(setup(ctx), "data_scores")
 
 
 def _undamped(ctx: CheckContext, operation: str) -> tuple[Setup, Tensor]:
@@ -691,7 +768,7 @@ def op_exact(
                 values[operation],
                 s.dampings(convention, s.layer),
                 lambda lam, c=convention: damped_block(c, lam, exact_block),  # type: ignore[misc]
-                s.vectors,
+                s.probes(operation),
             )
             assert worst is not None
             overall.add(
@@ -724,7 +801,7 @@ def _own_block_diagnosis(
                 values[operation],
                 s.dampings(convention, s.layer),
                 lambda lam, c=convention: damped_block(c, lam, own),  # type: ignore[misc]
-                s.vectors,
+                s.probes(operation),
             )
             if not explains(worst):
                 return None

@@ -13,10 +13,12 @@ from kfac_oracle.damping import DampingConvention
 from kfac_oracle.distributed.reference import DataParallelSteps
 from kfac_oracle.flavours import BiasMode, Flavour
 from kfac_oracle.problem import Problem
+from kfac_oracle.reference.exact import per_datum_gradients
 from kfac_oracle.reference.kfac import KFACSteps
 from kfac_oracle.reference.operations import (
     KroneckerOperations,
     SeparateBiasOperations,
+    with_data_scores,
 )
 
 
@@ -58,7 +60,8 @@ class ReferenceKFAC:
         """KFAC factors of every requested layer (:func:`~.kfac.kfac`).
 
         For a request of operations, :class:`~.operations.KroneckerOperations` of the
-        joint-bias factors under the requested damping convention.
+        joint-bias factors under the requested damping convention (with the data
+        scores of :func:`~.exact.per_datum_gradients`, if asked for).
         """
         # outputs are validated batch by batch during the KFAC forward passes
         problem = Problem(
@@ -86,13 +89,20 @@ class ReferenceKFAC:
                 raise NotImplementedError(
                     f"{convention} damping is defined on the joint-bias block only"
                 )
-            return {
+            out = {
                 name: SeparateBiasOperations(f, convention).layer_operations()
                 if f.bias == BiasMode.SEPARATE
                 else self.operations_class(f, convention).layer_operations()
                 for name, f in factors.items()
             }
-        return {
-            name: self.operations_class(f, convention).layer_operations()
-            for name, f in factors.items()
-        }
+        else:
+            out = {
+                name: self.operations_class(f, convention).layer_operations()
+                for name, f in factors.items()
+            }
+        if "data_scores" in request.operations.operations:
+            out = {
+                name: with_data_scores(ops, per_datum_gradients(problem, name))
+                for name, ops in out.items()
+            }
+        return out

@@ -73,6 +73,37 @@ def _output_gradients(loss_name: str, output: Tensor, labels: Tensor) -> Tensor:
     return g.reshape(labels.shape[0], output.shape[0], -1)
 
 
+def _loss_gradients(
+    subset: ParameterSubset, params, loss_name: str, X: Tensor, y: Tensor
+) -> Tensor:
+    """``∇_θ ℓ_n`` for every datum of a batch (true labels), ``(B, P)``."""
+
+    def loss_one(p, x, t):
+        f = subset.forward(p, x.unsqueeze(0))
+        return per_datum_loss(loss_name, f, t.unsqueeze(0)).sum()
+
+    return subset.flatten(vmap(grad(loss_one), in_dims=(None, 0, 0))(params, X, y))
+
+
+def per_datum_gradients(problem: Problem, module_name: str) -> Tensor:
+    """``g_n = ∇ ℓ_n`` over one module's ``[rvec(W), b]`` for every datum, ``(N, P)``.
+
+    ``ℓ_n`` is datum ``n``'s loss term without the reduction factor ``R`` (summed
+    over positions), with its true label; rows in the order of ``problem.data``,
+    batches concatenated (the ``data_scores`` convention, docs/theory.md §10).
+    """
+    subset = ParameterSubset(
+        problem.model, module_parameter_names(problem.model, module_name)
+    )
+    theta = subset.values()
+    return torch.cat(
+        [
+            _loss_gradients(subset, theta, problem.loss_name, X, y)
+            for X, y in problem.data
+        ]
+    )
+
+
 def gram(U: Tensor) -> Tensor:
     """The Gram matrix ``Uᵀ U`` for ``U`` of shape ``(K, P)``, exploiting symmetry.
 
@@ -143,12 +174,7 @@ def curvature_matrix(
         with torch.no_grad():
             output = subset.forward(theta, X)
         if kind == "empirical":
-
-            def loss_one(p, x, t):
-                f = subset.forward(p, x.unsqueeze(0))
-                return per_datum_loss(loss_name, f, t.unsqueeze(0)).sum()
-
-            g = subset.flatten(vmap(grad(loss_one), in_dims=(None, 0, 0))(theta, X, y))
+            g = _loss_gradients(subset, theta, loss_name, X, y)
             result = _accumulate(result, gram(g))
             continue
         J = _per_datum_jacobian(subset, theta, X)  # (B, F, P)

@@ -19,10 +19,14 @@ Two independent computations of the same quantities (docs/theory.md §10):
 :class:`EigenbasisOperations` does the same as :class:`KroneckerOperations` for a block
 given as an orthonormal eigenbasis and eigenvalues (EKFAC: ``Q diag(Λ) Qᵀ``); it
 offers ``product`` and ``mean_eigenvalue`` only.
+
+:func:`with_data_scores` adds the data's pairwise scores ``S = G K_λ⁻¹ Gᵀ`` (rows of
+``G``: the per-datum gradients) to any of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -293,6 +297,23 @@ class EigenbasisOperations(KroneckerOperations):
         return self.eigenvalues.sort().values
 
 
+def with_data_scores(operations: LayerOperations, gradients: Tensor) -> LayerOperations:
+    """``operations`` with ``data_scores(λ) = G K_λ⁻¹ Gᵀ`` from its inverse product.
+
+    Args:
+        operations: A layer's operations (``inverse_product`` offered).
+        gradients: ``G``, the per-datum gradients ``g_n`` as rows, ``(N, P)``
+            (:func:`~kfac_oracle.reference.exact.per_datum_gradients`).
+    """
+    inverse = operations.inverse_product
+    assert inverse is not None
+
+    def data_scores(damping: float) -> Tensor:
+        return gradients @ inverse(gradients.T.contiguous(), damping)
+
+    return dataclasses.replace(operations, data_scores=data_scores)
+
+
 class DenseOperations:
     """Exact operations of a dense symmetric positive definite ``M`` (float64).
 
@@ -338,4 +359,5 @@ __all__ = [
     "EigenbasisOperations",
     "KroneckerOperations",
     "probe_vectors",
+    "with_data_scores",
 ]

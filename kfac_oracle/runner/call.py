@@ -95,7 +95,7 @@ def guarded_call(
             warnings.simplefilter("always")
             result = impl.compute(request)
             report.plain = materialize(
-                result, shapes, dtype, device, request.operations
+                result, shapes, dtype, device, request.operations, request.num_data
             )
             report.warnings = [f"{w.category.__name__}: {w.message}" for w in recorded]
     except KeyboardInterrupt:

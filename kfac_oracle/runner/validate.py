@@ -243,6 +243,16 @@ def _value(what: str, value: Any, shape: tuple[int, ...]) -> Tensor:
     return out.reshape(shape)
 
 
+def _data_scores(what: str, value: Any, num_data: int | None) -> Tensor:
+    """A copy of the ``(N, N)`` data scores (square if ``N`` is not known)."""
+    if num_data is not None:
+        return _value(what, value, (num_data, num_data))
+    out = _copy(what, value)
+    if out.ndim != 2 or out.shape[0] != out.shape[1]:
+        raise CandidateError(f"{what} has shape {tuple(out.shape)}, expected (N, N)")
+    return out
+
+
 #: The shapes of the undamped operations' values, for a block of ``P`` entries.
 UNDAMPED_SHAPES: dict[str, Callable[[int], tuple[int, ...]]] = {
     "trace": lambda size: (),
@@ -252,14 +262,20 @@ UNDAMPED_SHAPES: dict[str, Callable[[int], tuple[int, ...]]] = {
 
 
 def materialize_operations(
-    where: str, value: object, operations: OperationsRequest, layer: str, size: int
+    where: str,
+    value: object,
+    operations: OperationsRequest,
+    layer: str,
+    size: int,
+    num_data: int | None = None,
 ) -> PlainResult:
     """Call one layer's :class:`LayerOperations` at every requested damping.
 
     The values, for ``n`` dampings and ``V`` of shape ``(P, k)``: ``"inverse"``
     ``(n, P, k)``, ``"logdet"`` ``(n,)``, ``"trace"`` ``()``, ``"scores"``
     ``(n, k, k)`` (``scores(V, V, λ)``), ``"diagonal"`` and ``"eigenvalues"``
-    ``(P,)``.
+    ``(P,)``, ``"data_scores"`` ``(n, N, N)`` for the request's ``N = num_data``
+    data points (``None``: any square shape).
 
     Raises:
         CandidateError: Not a ``LayerOperations``, a requested operation missing, or
@@ -295,6 +311,8 @@ def materialize_operations(
                 values.append(_value(what, function(V.clone(), lam), (size, k)))
             elif name == "logdet":
                 values.append(_value(what, function(lam), ()))
+            elif name == "data_scores":
+                values.append(_data_scores(what, function(lam), num_data))
             else:
                 values.append(_value(what, function(V.clone(), V.clone(), lam), (k, k)))
         tensors[name] = torch.stack(values)
@@ -307,8 +325,11 @@ def materialize(
     dtype: torch.dtype,
     device: Any,
     operations: OperationsRequest | None = None,
+    num_data: int | None = None,
 ) -> dict[str, PlainResult]:
     """Copy a candidate's result into :class:`PlainResult` s (step 1 of 2).
+
+    ``num_data`` is the request's ``N``, the size of its ``data_scores``.
 
     Raises:
         CandidateError: If the result is not a mapping holding every requested layer
@@ -331,7 +352,7 @@ def materialize(
         where = f"layer {layer!r}"
         if operations is not None:
             out[layer] = materialize_operations(
-                where, value, operations, layer, shape.size
+                where, value, operations, layer, shape.size, num_data
             )
         elif isinstance(value, KroneckerFactors):
             bias = value.bias
