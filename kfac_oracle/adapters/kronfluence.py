@@ -318,14 +318,18 @@ class _KronfluenceScores(_KronfluenceBase):
         modules = request.modules()
         self._check(request, modules)
         # kronfluence calls gc.collect() several times per score computation
-        # (utils/state.py, release_memory); with the harness's heap frozen out of
-        # the collector's generations each pass is cheap (same results).
+        # (utils/state.py, release_memory); with the heap frozen out of the
+        # collector's generations each pass is cheap (same results). An isolated
+        # worker has frozen its inherited heap already: unfreezing would thaw that
+        # too, so the heap is thawed only if it was not frozen before.
         LIBRARY.load("analyzer", "arguments", "task")
+        thaw = gc.get_freeze_count() == 0
         gc.freeze()
         try:
             _, scores = self._analyze(request, modules)
         finally:
-            gc.unfreeze()
+            if thaw:
+                gc.unfreeze()
         return {
             name: LayerOperations(data_scores=_lookup(name, table))
             for name, table in scores.items()
