@@ -43,6 +43,11 @@ OPTIONS = (
     ("isolation", "auto, process or none (default auto)"),
     ("world_size", "run the distributed checks on W >= 2 processes"),
     ("dtype", "float64 or float32: the precision the candidate computes in"),
+    (
+        "threads",
+        "torch threads of the harness (default 1, as the command line; 0 keeps "
+        "torch's default)",
+    ),
     ("json", "write the check records as JSON (serial and under pytest-xdist)"),
 )
 
@@ -195,6 +200,29 @@ class ConformanceSuite(pytest.Collector):
             )
 
 
+def _set_threads(value: Any) -> None:
+    """Set torch's intra-op threads for the conformance run (as ``kfac-oracle check``).
+
+    One thread by default: reference results (and so the records) must not depend on
+    how many threads the machine offers, and the catalogue's problems are small.
+
+    Raises:
+        UsageError: For a value that is not an integer >= 0.
+    """
+    from kfac_oracle.errors import UsageError
+
+    try:
+        threads = 1 if value is None else int(value)
+    except ValueError:
+        threads = -1
+    if threads < 0:
+        raise UsageError(f"--kfac-threads must be an integer >= 0, got {value!r}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _suite(session: pytest.Session) -> ConformanceSuite | None:
     config = session.config
     spec = _option(config, "impl")
@@ -209,6 +237,7 @@ def _suite(session: pytest.Session) -> ConformanceSuite | None:
         from kfac_oracle.cli import parse_time_limit
 
         limit = parse_time_limit(str(_option(config, "time_limit") or "60"))
+        _set_threads(_option(config, "threads"))
         expected = expected_mod.load(_option(config, "xfail"))
         world_size = _option(config, "world_size") or None
         if world_size is not None:
