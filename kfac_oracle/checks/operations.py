@@ -760,20 +760,9 @@ def op_exact(
         ctx.references.exact_block(ctx.case, ctx.layer, kind), bias, ctx.module()
     )
     overall = Worst()
-    for convention in conventions:
-        values = s.values(convention)
-        for operation in operations:
-            worst = sweep(
-                operation,
-                values[operation],
-                s.dampings(convention, s.layer),
-                lambda lam, c=convention: damped_block(c, lam, exact_block),  # type: ignore[misc]
-                s.probes(operation),
-            )
-            assert worst is not None
-            overall.add(
-                worst.error, worst.tol, f"{operation}, {convention}, {worst.where}"
-            )
+    for where, worst in _sweeps(s, conventions, operations, exact_block):
+        assert worst is not None
+        overall.add(worst.error, worst.tol, f"{where}, {worst.where}")
     passed = overall.ratio <= 1
     return Outcome(
         "passed" if passed else "failed",
@@ -786,6 +775,31 @@ def op_exact(
     )
 
 
+def _sweeps(
+    s: Setup,
+    conventions: list[DampingConvention],
+    operations: list[str],
+    block: Tensor,
+) -> Iterator[tuple[str, Worst | None]]:
+    """The candidate's values against ``block`` damped by each convention.
+
+    Yields ``("operation, convention", worst)`` over the sweep.
+    """
+    for convention in conventions:
+        values = s.values(convention)
+        for operation in operations:
+            yield (
+                f"{operation}, {convention}",
+                sweep(
+                    operation,
+                    values[operation],
+                    s.dampings(convention, s.layer),
+                    lambda lam, c=convention: damped_block(c, lam, block),  # type: ignore[misc]
+                    s.probes(operation),
+                ),
+            )
+
+
 def _own_block_diagnosis(
     s: Setup, conventions: list[DampingConvention], operations: list[str]
 ) -> str | None:
@@ -793,18 +807,8 @@ def _own_block_diagnosis(
     own = own_block(s)
     if own is None:
         return None
-    for convention in conventions:
-        values = s.values(convention)
-        for operation in operations:
-            worst = sweep(
-                operation,
-                values[operation],
-                s.dampings(convention, s.layer),
-                lambda lam, c=convention: damped_block(c, lam, own),  # type: ignore[misc]
-                s.probes(operation),
-            )
-            if not explains(worst):
-                return None
+    if not all(explains(w) for _, w in _sweeps(s, conventions, operations, own)):
+        return None
     return (
         "the operations of the candidate's own block, which differs from the exact "
         "block where the claim makes KFAC exact (see the exactness checks)"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,6 +63,18 @@ def probe_vectors(
         V = torch.randn(size, PROBES, generator=generator, dtype=torch.float64)
         out[layer] = V.to(dtype=dtype, device=device)  # type: ignore[call-overload]
     return out
+
+
+def contract_form(ops: Any) -> LayerOperations:
+    """``LayerOperations`` of a reference operations object (its bound methods)."""
+    return LayerOperations(
+        inverse_product=ops.inverse_product,
+        logdet=ops.logdet,
+        trace=ops.trace,
+        scores=ops.scores,
+        diagonal=ops.diagonal,
+        eigenvalues=ops.spectrum,
+    )
 
 
 class KroneckerOperations:
@@ -143,14 +156,7 @@ class KroneckerOperations:
 
     def layer_operations(self) -> LayerOperations:
         """These operations in the contract's form."""
-        return LayerOperations(
-            inverse_product=self.inverse_product,
-            logdet=self.logdet,
-            trace=self.trace,
-            scores=self.scores,
-            diagonal=self.diagonal,
-            eigenvalues=self.spectrum,
-        )
+        return contract_form(self)
 
 
 class SeparateBiasOperations:
@@ -234,14 +240,7 @@ class SeparateBiasOperations:
 
     def layer_operations(self) -> LayerOperations:
         """These operations in the contract's form."""
-        return LayerOperations(
-            inverse_product=self.inverse_product,
-            logdet=self.logdet,
-            trace=self.trace,
-            scores=self.scores,
-            diagonal=self.diagonal,
-            eigenvalues=self.spectrum,
-        )
+        return contract_form(self)
 
 
 class EigenbasisOperations(KroneckerOperations):
